@@ -1,0 +1,85 @@
+"""The exit-code contract and the one place that maps failures onto it.
+
+Kubernetes reads the exit code (podFailurePolicy) and the termination log (`kubectl describe`,
+`invoke status`); both are written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+
+log = logging.getLogger("entrypoint")
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+
+class ExitCode(enum.IntEnum):
+    """Documented in README.md ("Exit codes"); the Jobs' podFailurePolicy depends on these values."""
+
+    OK = 0  # done, or skipped because the same work is already complete
+    INTERNAL = 1  # unexpected failure: retriable
+    TEMPORARY = 75  # a dependency is unavailable for now (MLflow down, output locked): retriable
+    CONFIG = 78  # configuration or input error: retrying cannot help, the Job fails at once
+    INTERRUPTED = 143  # stopped by SIGTERM (preemption, pod deletion): retriable, the rerun resumes
+
+
+class EntrypointError(Exception):
+    """A failure with a known cause; its message is shown to the user as is."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class ConfigError(EntrypointError):
+    """Bad configuration or input: names what is wrong and what is allowed."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class TemporaryFailure(EntrypointError):
+    """Something outside us is unavailable right now; a retry may succeed."""
+
+    exit_code = ExitCode.TEMPORARY
+
+
+class Interrupted(EntrypointError):
+    """SIGTERM arrived; work stopped at a safe point."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def termination_log_path(env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("TERMINATION_LOG_PATH") or DEFAULT_TERMINATION_LOG
+
+
+def write_termination_log(message: str, path: str | None = None) -> None:
+    """Write a one-line reason where Kubernetes picks it up; never fail because of it."""
+    path = path or termination_log_path()
+    line = " ".join(message.split())[:4000]
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    except OSError:
+        # Outside a pod /dev/termination-log is usually not writable: the log line above is enough.
+        log.debug("cannot write termination log %s", path)
+
+
+def finish(code: ExitCode, message: str) -> int:
+    """Report the outcome on stderr and in the termination log, return the exit code."""
+    if code == ExitCode.OK:
+        log.info(message)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    write_termination_log(message if code == ExitCode.OK else f"exit {int(code)}: {message}")
+    return int(code)
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    if isinstance(exc, EntrypointError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return ExitCode.INTERNAL
