@@ -169,6 +169,18 @@ FIELDS: tuple[Field, ...] = (
       "runtime"),
     F("NPROC_PER_NODE", "str", "auto", "Training processes per pod: auto (one per visible GPU) or a "
       "number.", "runtime"),
+    # Merge and publish.
+    F("MERGE_KEEP_VERSIONS", "int", "2", "Published merged-model versions kept (the current one included).",
+      "merge", minimum=1, maximum=100),
+    F("ADAPTER_WAIT_SECONDS", "int", "0", "How long the merge waits for training's completion marker "
+      "(0: fail at once when the adapter is not complete).", "merge", minimum=0, maximum=604800),
+    F("REGISTERED_MODEL_NAME", "str", "", "Register each published merge under this MLflow model name "
+      "(empty: no registration).", "merge"),
+    # WebUI (LLaMA Board).
+    F("WEBUI_PORT", "int", "7860", "Port LLaMA Board listens on inside the pod.", "webui", minimum=1024,
+      maximum=65535),
+    F("WEBUI_WORKDIR", "path", "/storage/webui", "Working directory of the WebUI on NFS: its saves/, "
+      "cache and config land there.", "webui"),
     # Identity of the pod (downward API and image), used only as MLflow tags.
     F("JOB_NAME", "str", "", "Kubernetes Job name (downward API).", "job", configmap=False),
     F("POD_NAME", "str", "", "Pod name (downward API).", "job", configmap=False),
