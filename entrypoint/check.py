@@ -1,0 +1,30 @@
+"""`python -m entrypoint check`: what `train` would do, without doing it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from entrypoint import datasets
+from entrypoint.decisions import Action
+from entrypoint.errors import ConfigError
+from entrypoint.plan import build_plan
+from entrypoint.settings import Settings
+from entrypoint.train import decide
+
+
+def run(settings: Settings) -> int:
+    plan = build_plan(settings)
+    decision = decide(plan)
+    if decision.action is not Action.SKIP:
+        datasets.validate(plan.data, Path(settings.dataset_path))
+    print(json.dumps({
+        "decision": decision.action.value,
+        "reason": decision.reason,
+        "fingerprint": plan.fingerprint,
+        "output": str(plan.output),
+        "llamafactory_args": plan.lf_args,
+    }, indent=2, default=str))
+    if decision.action is Action.REFUSE:
+        raise ConfigError(f"LORA_OUTPUT_PATH={str(plan.output)!r}: {decision.reason}")
+    return 0

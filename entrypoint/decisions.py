@@ -1,0 +1,123 @@
+"""What to do with an output directory: pure functions of (fingerprint, observed state, options).
+
+The caller observes the storage (observe_output) and performs the side effects; the decision itself is
+tested without a model or a GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from entrypoint.storage import MARKER, RUN_FILE, STATE_DIR, read_json
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+class Action(enum.Enum):
+    SKIP = "skip"  # complete output from the same config: nothing to do
+    START = "start"  # train from the beginning
+    RESUME = "resume"  # continue from a checkpoint of the same config
+    REFUSE = "refuse"  # output from another config or another tool: never overwrite it
+
+
+@dataclass(frozen=True)
+class OutputState:
+    exists: bool = False
+    empty: bool = True
+    marker: dict[str, Any] | None = None
+    run: dict[str, Any] | None = None  # our run.json: started fingerprint, MLflow run id
+    checkpoints: tuple[int, ...] = ()  # complete ones, ascending
+    incomplete_checkpoints: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    checkpoint: int | None = None
+    replace_first: bool = False  # move the existing output aside before starting
+    fresh_dir: bool = False  # starting over in our own partial output: let LLaMA-Factory overwrite it
+    changed: tuple[str, ...] = field(default_factory=tuple)
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """transformers writes trainer_state.json after the weights and optimizer: its presence, parsed
+    whole, means the checkpoint was finished."""
+    try:
+        json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def observe_output(output: Path) -> OutputState:
+    if not output.is_dir():
+        return OutputState(exists=output.exists(), empty=not output.exists())
+    entries = [p for p in output.iterdir()]
+    state = output / STATE_DIR
+    complete, incomplete = [], []
+    for entry in entries:
+        match = CHECKPOINT_RE.match(entry.name)
+        if match and entry.is_dir():
+            (complete if checkpoint_complete(entry) else incomplete).append(int(match.group(1)))
+    return OutputState(
+        exists=True,
+        empty=not entries,
+        marker=read_json(state / MARKER),
+        run=read_json(state / RUN_FILE),
+        checkpoints=tuple(sorted(complete)),
+        incomplete_checkpoints=tuple(sorted(incomplete)),
+    )
+
+
+def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, ...]:
+    """Which fingerprint inputs differ: names for the refusal message."""
+    if not old:
+        return ()
+    out = []
+    for section in ("args", "model", "data"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        if section == "args":
+            out += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append("base model" if section == "model" else "dataset")
+    return tuple(out)
+
+
+def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, replace: bool) -> Decision:
+    if not state.exists or state.empty:
+        return Decision(Action.START, "no previous output")
+    what = ""
+    if state.marker is not None:
+        if state.marker.get("fingerprint") == fingerprint:
+            return Decision(Action.SKIP, "already complete with the same configuration")
+        changed = changed_keys(state.marker.get("inputs"), inputs)
+        what = "a complete output made with a different configuration"
+    elif state.run is not None:
+        if state.run.get("fingerprint") == fingerprint:
+            if state.checkpoints:
+                n = state.checkpoints[-1]
+                return Decision(Action.RESUME, f"interrupted run: resuming from checkpoint-{n}", checkpoint=n)
+            return Decision(Action.START, "interrupted before the first checkpoint: starting over",
+                            fresh_dir=True)
+        changed = changed_keys(state.run.get("inputs"), inputs)
+        what = "an interrupted run with a different configuration"
+    else:
+        changed = ()
+        what = "files this tool did not write"
+    if replace:
+        return Decision(Action.START, f"output holds {what}: moving it aside (REPLACE_OUTPUT=true)",
+                        replace_first=True, changed=changed)
+    detail = f" (changed: {', '.join(changed)})" if changed else ""
+    return Decision(
+        Action.REFUSE,
+        f"the output directory holds {what}{detail}; nothing was changed. Use another LORA_OUTPUT_PATH, "
+        "or set REPLACE_OUTPUT=true to move the old output aside (renamed, not deleted) and train anew",
+        changed=changed,
+    )

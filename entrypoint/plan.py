@@ -1,0 +1,193 @@
+"""From validated settings to the exact LLaMA-Factory arguments and the run's fingerprint.
+
+Precedence (documented in README.md): built-in defaults < environment (ConfigMap) < LLAMAFACTORY_CONFIG
+YAML. The YAML is the most specific statement of intent, so its keys win, except the keys this
+entrypoint owns (paths, dataset, resume and reporting), which the YAML may not set.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entrypoint import datasets
+from entrypoint.errors import ConfigError
+from entrypoint.fingerprint import digest, file_identity
+from entrypoint.settings import Settings
+from entrypoint.storage import STATE_DIR
+
+OWNED_KEYS = {
+    "model_name_or_path": "BASE_MODEL_PATH",
+    "adapter_name_or_path": "BASE_MODEL_PATH (train on a merged model instead)",
+    "output_dir": "LORA_OUTPUT_PATH",
+    "dataset": "DATASET",
+    "dataset_dir": "DATASET_PATH",
+    "do_train": "(always true)",
+    "stage": "(always sft)",
+    "overwrite_output_dir": "REPLACE_OUTPUT",
+    "resume_from_checkpoint": "(resume is automatic)",
+    "report_to": "TRACKING",
+    "logging_dir": "(kept inside LORA_OUTPUT_PATH)",
+}
+# Arguments that do not change the trained result: left out of the fingerprint, so changing them on
+# a finished run does not count as a different config.
+NON_RESULT_KEYS = {
+    "output_dir", "dataset_dir", "logging_steps", "save_steps", "save_total_limit", "report_to",
+    "plot_loss", "overwrite_output_dir", "resume_from_checkpoint", "preprocessing_num_workers",
+    "dataloader_num_workers", "ddp_timeout", "overwrite_cache",
+}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    settings: Settings
+    output: Path
+    lf_args: dict[str, Any]
+    fingerprint: str
+    fingerprint_inputs: dict[str, Any]
+    data: datasets.ResolvedDatasets
+
+
+def check_base_model(path: Path) -> dict[str, Any]:
+    """The model's config.json, after checking the directory can be trained from."""
+    where = f"BASE_MODEL_PATH={str(path)!r}"
+    if not path.is_dir():
+        raise ConfigError(f"{where} does not exist or is not a directory (models must already be on the storage)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{where} has no config.json: expected a Hugging Face model directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ConfigError(f"{config_file} has no model_type: not a transformers model config")
+    if not any(glob.glob(str(path / pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ConfigError(f"{where} holds no weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{where} holds no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    return config
+
+
+def model_identity(path: Path) -> dict[str, str]:
+    """Identity of the base model: its config and weights (see fingerprint.file_identity)."""
+    out: dict[str, str] = {}
+    for child in sorted(path.iterdir()):
+        if child.is_file() and (child.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")):
+            out[child.name] = file_identity(child)
+    return out
+
+
+def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
+    path_text = settings.llamafactory_config
+    if not path_text:
+        return {}
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r} is not a file")
+    import yaml  # small, and only needed when a YAML is given
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r} must be a mapping of LLaMA-Factory arguments")
+    owned = sorted(k for k in data if k in OWNED_KEYS)
+    if owned:
+        raise ConfigError(
+            f"LLAMAFACTORY_CONFIG={path_text!r} sets {', '.join(owned)}: these are owned by the entrypoint; "
+            + "; ".join(f"{k} -> {OWNED_KEYS[k]}" for k in owned)
+        )
+    return data
+
+
+def check_qlora_possible() -> None:
+    """QLoRA needs bitsandbytes and a CUDA device; say so here rather than deep inside a library."""
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package is not installed")
+    if not glob.glob("/dev/nvidia[0-9]*"):
+        missing.append("no CUDA device is visible (no /dev/nvidia*)")
+    if missing:
+        raise ConfigError(
+            "FINETUNING_TYPE=qlora needs a CUDA GPU and bitsandbytes: " + " and ".join(missing)
+            + "; use FINETUNING_TYPE=lora on this machine"
+        )
+
+
+def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> dict[str, Any]:
+    s = settings
+    args: dict[str, Any] = {
+        "stage": "sft",
+        "do_train": True,
+        "model_name_or_path": s.base_model_path,
+        "dataset": ",".join(data.names),
+        "dataset_dir": str(data.dataset_dir),
+        "template": s.template,
+        "cutoff_len": s.cutoff_len,
+        "output_dir": s.lora_output_path,
+        "logging_steps": s.logging_steps,
+        "save_steps": s.save_steps,
+        "plot_loss": True,
+        "overwrite_output_dir": False,
+        "per_device_train_batch_size": s.batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation,
+        "learning_rate": s.learning_rate,
+        "num_train_epochs": s.num_epochs,
+        "lr_scheduler_type": s.lr_scheduler,
+        "warmup_ratio": s.warmup_ratio,
+        "seed": s.seed,
+        "report_to": "none",  # tracking is ours: tolerant of MLflow outages, one run per output
+        "finetuning_type": "full" if s.finetuning_type == "full" else "lora",
+        "precision": s.precision,  # resolved to bf16/fp16 flags where torch can see the device
+    }
+    if s.max_samples:
+        args["max_samples"] = s.max_samples
+    if s.max_steps:
+        args["max_steps"] = s.max_steps
+    if s.save_total_limit:
+        args["save_total_limit"] = s.save_total_limit
+    if s.finetuning_type in ("lora", "qlora"):
+        args.update(
+            lora_rank=s.lora_rank,
+            lora_alpha=s.lora_alpha,
+            lora_dropout=s.lora_dropout,
+            lora_target=",".join(s.lora_target),
+            use_rslora=s.use_rslora,
+        )
+    if s.finetuning_type == "qlora":
+        args.update(quantization_bit=4, quantization_method="bnb")
+    return args
+
+
+def build_plan(settings: Settings) -> TrainPlan:
+    """Everything the decision needs, computed without heavy imports and without writing anything."""
+    output = Path(settings.lora_output_path)
+    check_base_model(Path(settings.base_model_path))
+    overrides = read_yaml_overrides(settings)
+    data = datasets.resolve(
+        Path(settings.dataset_path),
+        settings.dataset,
+        settings.dataset_format,
+        generated_dir=output / STATE_DIR / "dataset_info",
+    )
+    args = llamafactory_args(settings, data)
+    args.update(overrides)
+    if args.get("quantization_bit") is not None and settings.finetuning_type != "full":
+        check_qlora_possible()
+    result_args = {k: v for k, v in args.items() if k not in NON_RESULT_KEYS}
+    inputs = {
+        "args": result_args,
+        "model": model_identity(Path(settings.base_model_path)),
+        "data": data.identity(),
+    }
+    return TrainPlan(settings, output, args, digest(inputs), inputs, data)

@@ -1,0 +1,223 @@
+"""The storage protocol that train and merge share, written for NFS.
+
+- Atomic small files: write a temporary file in the same directory, fsync, rename, fsync the directory.
+- One writer per output: a lock file created with O_CREAT|O_EXCL (reliable on NFSv3+, unlike
+  flock/fcntl), holding its owner and an expiry that a heartbeat renews. A lock whose expiry has passed
+  belongs to a dead holder and is taken over; the takeover renames the stale file away first, so two
+  contenders cannot both win.
+- Completion marker written last, with the fingerprint inside: present means complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entrypoint.errors import TemporaryFailure
+
+log = logging.getLogger("entrypoint")
+
+STATE_DIR = ".job"  # our bookkeeping inside an output directory
+MARKER = "COMPLETE.json"
+RUN_FILE = "run.json"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; rename is still atomic there
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is absent or unreadable (a torn write counts as absent)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def state_dir(output: Path) -> Path:
+    return output / STATE_DIR
+
+
+def read_marker(output: Path) -> dict[str, Any] | None:
+    return read_json(state_dir(output) / MARKER)
+
+
+def write_marker(output: Path, data: dict[str, Any]) -> None:
+    atomic_write_json(state_dir(output) / MARKER, data)
+
+
+def owner_id() -> str:
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class LockInfo:
+    owner: str
+    token: str
+    expires_at: float
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | None) -> LockInfo | None:
+        try:
+            return cls(str(data["owner"]), str(data["token"]), float(data["expires_at"]))  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+class OutputLock:
+    """Exclusive, expiring lock on one output, kept alive by a heartbeat thread while held."""
+
+    def __init__(self, path: Path, ttl: float, owner: str | None = None) -> None:
+        self.path = path
+        self.ttl = ttl
+        self.owner = owner or owner_id()
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = threading.Event()
+
+    def _payload(self) -> dict[str, Any]:
+        now = time.time()
+        return {"owner": self.owner, "token": self.token, "acquired_at": now, "expires_at": now + self.ttl}
+
+    def _try_create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(self._payload(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(self.path.parent)
+        return True
+
+    def holder(self) -> LockInfo | None:
+        return LockInfo.parse(read_json(self.path))
+
+    def _take_over_if_stale(self) -> None:
+        info = self.holder()
+        if info is None:
+            # Unreadable: either being written right now or torn. Judge it by its age instead.
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < self.ttl:
+                return
+        elif info.expires_at > time.time():
+            return
+        stale = self.path.with_name(f"{self.path.name}.stale.{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, stale)  # only one contender's rename can succeed
+        except FileNotFoundError:
+            return
+        log.warning("took over an expired lock %s (holder %s)", self.path, info.owner if info else "unknown")
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+    def acquire(self, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while True:
+            if self._try_create():
+                self._start_heartbeat()
+                return
+            self._take_over_if_stale()
+            if self._try_create():
+                self._start_heartbeat()
+                return
+            if time.monotonic() >= deadline:
+                info = self.holder()
+                who = f"{info.owner}, expires in {max(0, info.expires_at - time.time()):.0f}s" if info else "?"
+                raise TemporaryFailure(
+                    f"{self.path.parent} is being written by another run ({who}); waited {wait:.0f}s "
+                    "(LOCK_WAIT_SECONDS). A retry will continue once that run ends or its lock expires."
+                )
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        interval = max(1.0, self.ttl / 4)
+        while not self._stop.wait(interval):
+            info = self.holder()
+            if info is None or info.token != self.token:
+                log.error("lost the lock %s to %s", self.path, info.owner if info else "nobody")
+                self.lost.set()
+                return
+            try:
+                atomic_write_json(self.path, self._payload())
+            except OSError as exc:
+                log.warning("could not renew the lock %s: %s", self.path, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        info = self.holder()
+        if info is not None and info.token == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            fsync_dir(self.path.parent)
+
+    @contextlib.contextmanager
+    def held(self, wait: float) -> Iterator[OutputLock]:
+        self.acquire(wait)
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+def lock_path_for(output: Path) -> Path:
+    """The lock lives beside the output, so the output itself can be moved aside while locked."""
+    return output.with_name(f".{output.name}.lock")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename an existing output to <path>.replaced-<UTC time>; nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target

@@ -1,0 +1,203 @@
+"""MLflow: a bounded start-up check, one run per output, and logging that never stalls training.
+
+Metrics go through a background thread with a bounded queue: a server that hangs or dies mid-run
+costs log lines, never training time, and the run still completes and gets its marker. Only the calls
+an MLflow 2.x server serves are used (runs, params, metrics, tags, artifacts, registry).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from entrypoint.errors import ConfigError, TemporaryFailure
+
+log = logging.getLogger("entrypoint")
+
+PARAM_MAX = 250  # what every MLflow 2.x server accepts
+BATCH_MAX = 100
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without credentials, for messages and tags."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        parts = parts._replace(netloc=f"***@{host}")
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+
+
+def preflight(uri: str, experiment: str, timeout: float, env: Mapping[str, str] | None = None) -> None:
+    """Fail within `timeout` seconds when the tracking server cannot be used; import nothing heavy."""
+    env = os.environ if env is None else env
+    scheme = urllib.parse.urlsplit(uri).scheme
+    shown = redact_uri(uri)
+    if scheme in ("", "file"):
+        path = Path(urllib.parse.urlsplit(uri).path if scheme else uri)
+        parent = path if path.exists() else path.parent
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"MLFLOW_TRACKING_URI={shown!r}: {parent} is not writable")
+        return
+    if scheme == "sqlite":
+        db = Path(uri.split("sqlite:///", 1)[-1])
+        if not os.access(db.parent if not db.exists() else db, os.W_OK):
+            raise ConfigError(f"MLFLOW_TRACKING_URI={shown!r}: {db} is not writable")
+        return
+    if scheme not in ("http", "https"):
+        log.info("MLflow tracking URI scheme %r: no start-up check", scheme)
+        return
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?" + query
+    request = urllib.request.Request(url)
+    if env.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {env['MLFLOW_TRACKING_TOKEN']}")
+    elif env.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:  # the experiment does not exist yet: the server answered
+            return
+        if exc.code in (401, 403):
+            raise ConfigError(
+                f"MLflow at {shown} refused the credentials (HTTP {exc.code}): check MLFLOW_TRACKING_USERNAME/"
+                "PASSWORD or MLFLOW_TRACKING_TOKEN in the mlflow-config Secret"
+            ) from None
+        raise TemporaryFailure(f"MLflow at {shown} answered HTTP {exc.code}; retry later") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TemporaryFailure(
+            f"MLflow at {shown} is unreachable ({reason}) after {timeout:g}s (MLFLOW_TIMEOUT_SECONDS); "
+            "fix MLFLOW_TRACKING_URI or set TRACKING=none to train without tracking"
+        ) from None
+
+
+def _params(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for key, value in sorted(values.items()):
+        text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+        out.append((key[:250], text[:PARAM_MAX]))
+    return out
+
+
+class Tracker:
+    """One MLflow run, written through a background thread; failures are logged, never raised."""
+
+    def __init__(self, uri: str, timeout: float) -> None:
+        # mlflow's own retries would block for minutes on a dead server; our thread retries instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
+        self.run_id: str | None = None
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue(maxsize=10000)
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+
+    # Synchronous: run creation happens at start, where failing is right (the preflight passed).
+    def open_run(self, experiment: str, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> str:
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run.info.run_id
+                log.info("MLflow: resuming run %s", self.run_id)
+            except Exception as exc:  # the run was deleted, or the server was reset
+                log.warning("MLflow run %s cannot be resumed (%s): starting a new run", run_id, exc)
+                run_id = None
+        if not run_id:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+            self.run_id = run.info.run_id
+            log.info("MLflow: created run %s in experiment %r", self.run_id, experiment)
+        self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
+        self._thread.start()
+        return self.run_id  # type: ignore[return-value]
+
+    def _call(self, what: str, args: tuple[Any, ...]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if what == "params":
+            items = [Param(k, v) for k, v in args[0]]
+            for i in range(0, len(items), BATCH_MAX):
+                self.client.log_batch(self.run_id, params=items[i:i + BATCH_MAX])
+        elif what == "metrics":
+            metrics, step = args
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        elif what == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in args[0].items()])
+        elif what == "artifact":
+            self.client.log_artifact(self.run_id, args[0])
+        elif what == "status":
+            self.client.set_terminated(self.run_id, status=args[0])
+
+    def _drain(self) -> None:
+        while True:
+            what, args = self._queue.get()
+            if what == "stop":
+                self._queue.task_done()
+                return
+            for attempt in range(3):
+                try:
+                    self._call(what, args)
+                    break
+                except Exception as exc:
+                    self.failures += 1
+                    if attempt == 2:
+                        log.warning("MLflow %s dropped after 3 tries: %s", what, exc)
+                    else:
+                        time.sleep(1 + attempt)
+            self._queue.task_done()
+
+    def _put(self, what: str, *args: Any) -> None:
+        try:
+            self._queue.put_nowait((what, args))
+        except queue.Full:
+            self.failures += 1
+
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        self._put("params", _params(values))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if clean:
+            self._put("metrics", clean, step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._put("tags", dict(tags))
+
+    def log_artifact(self, path: Path) -> None:
+        if path.is_file():
+            self._put("artifact", str(path))
+
+    def close(self, status: str | None, timeout: float) -> bool:
+        """Send what is pending (and end the run with `status` unless None); wait at most `timeout` s."""
+        if self._thread is None:
+            return True
+        if status:
+            self._put("status", status)
+        self._put("stop")
+        self._thread.join(timeout)
+        done = not self._thread.is_alive()
+        if not done:
+            log.warning("MLflow: gave up waiting for %d pending writes after %.0fs", self._queue.qsize(), timeout)
+        return done

@@ -1,0 +1,183 @@
+"""The training process itself: LLaMA-Factory's run_exp with our callback, in one process or per rank.
+
+Imported only once the decision is to train: this is where torch, transformers and llamafactory load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from entrypoint.errors import Interrupted, TemporaryFailure
+from entrypoint.tracking import Tracker
+
+log = logging.getLogger("entrypoint")
+
+
+class StopFlag:
+    """Set by SIGTERM. Before training starts the signal interrupts at once; during training the
+    callback stops at the next step boundary (a half-finished step is never saved)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_training = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        log.warning("SIGTERM received: stopping at the next step boundary")
+        if not self.in_training:
+            raise Interrupted("SIGTERM before training started; nothing was saved")
+
+
+class JobCallback(TrainerCallback):
+    """Stops on SIGTERM (checkpoint first when asked), notices a lost lock, feeds MLflow on rank 0."""
+
+    def __init__(
+        self,
+        stop: StopFlag,
+        checkpoint_on_stop: bool,
+        tracker: Tracker | None = None,
+        lock_lost: threading.Event | None = None,
+    ) -> None:
+        self.stop = stop
+        self.checkpoint_on_stop = checkpoint_on_stop
+        self.tracker = tracker
+        self.lock_lost = lock_lost
+        self.stopping = False
+        self._last_log = (0, time.monotonic())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.in_training = True
+        self._last_log = (state.global_step, time.monotonic())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop.in_training = False
+
+    def _stop_everywhere(self, args: Any) -> bool:
+        """All ranks must stop at the same step, or the next collective hangs: agree on the flag."""
+        requested = self.stop.requested
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            flag = torch.tensor([1 if requested else 0], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.lock_lost is not None and self.lock_lost.is_set():
+            raise TemporaryFailure("another run took over the output lock; stopped without saving")
+        if self._stop_everywhere(args):
+            self.stopping = True
+            if not self.checkpoint_on_stop:
+                raise Interrupted(f"SIGTERM at step {state.global_step}; stopped without a checkpoint "
+                                  "(CHECKPOINT_ON_SIGTERM)")
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopping:
+            # The checkpoint is complete (trainer_state.json was written): leave before the final save,
+            # which would make an interrupted run look finished.
+            raise Interrupted(f"SIGTERM: saved checkpoint-{state.global_step}; the rerun resumes from it")
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tracker is None or not state.is_world_process_zero or not logs:
+            return control
+        metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        step0, t0 = self._last_log
+        now = time.monotonic()
+        if state.global_step > step0 and now > t0:
+            metrics["steps_per_second"] = (state.global_step - step0) / (now - t0)
+            metrics["samples_per_second"] = metrics["steps_per_second"] * args.train_batch_size * \
+                args.gradient_accumulation_steps * args.world_size
+        self._last_log = (state.global_step, now)
+        self.tracker.log_metrics(metrics, state.global_step)
+        return control
+
+
+def resolve_precision(args: dict[str, Any]) -> dict[str, Any]:
+    """PRECISION=auto becomes bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    args = dict(args)
+    precision = args.pop("precision", "auto")
+    if precision == "auto" and not torch.cuda.is_available():
+        precision = "fp32"
+    elif precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in ("bf16", "fp16"):
+        args[precision] = True
+    return args
+
+
+def train(
+    lf_args: dict[str, Any],
+    checkpoint_on_stop: bool,
+    stop: StopFlag,
+    tracker: Tracker | None = None,
+    lock_lost: threading.Event | None = None,
+) -> None:
+    """Run LLaMA-Factory; returns when training and the final save finished."""
+    from llamafactory.hparams import get_train_args
+    from llamafactory.train.tuner import run_exp
+
+    from entrypoint.errors import ConfigError
+
+    args = resolve_precision(lf_args)
+    try:
+        # Parse once up front: LLaMA-Factory reports unknown or contradictory arguments (often from
+        # LLAMAFACTORY_CONFIG) as ValueError here, which is a configuration error, not a crash.
+        get_train_args(dict(args))
+    except ValueError as exc:
+        raise ConfigError(f"LLaMA-Factory rejected the arguments: {exc}") from exc
+    run_exp(args, callbacks=[JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)])
+
+
+def main(spec_path: str) -> int:
+    """One rank under torchrun: `python -m entrypoint _worker SPEC`. Rank 0 feeds MLflow."""
+    from entrypoint.errors import exit_code_for, write_termination_log
+
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    stop = StopFlag()
+    stop.install()
+    tracker = None
+    if rank == 0 and spec.get("mlflow_run_id"):
+        tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], float(spec["mlflow_timeout"]))
+        tracker.open_run(spec["experiment"], spec["mlflow_run_id"], "", {})
+    try:
+        train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker)
+        code, message = 0, "ok"
+    except BaseException as exc:  # reported to the launcher through the result file
+        code, message = int(exit_code_for(exc)), f"{type(exc).__name__}: {exc}"
+        log.error("rank %d failed: %s", rank, message)
+    finally:
+        if tracker is not None:
+            tracker.close(None, timeout=30)
+    if rank == 0:
+        result = Path(spec["result_path"])
+        result.write_text(json.dumps({"code": code, "message": message}), encoding="utf-8")
+    if code:
+        write_termination_log(message)
+    sys.stdout.flush()
+    return code
