@@ -29,6 +29,7 @@ log = logging.getLogger("entrypoint")
 
 STATE_DIR = ".job"  # our bookkeeping inside an output directory
 MARKER = "COMPLETE.json"
+TAKEOVER_GUARD_TTL = 30.0
 RUN_FILE = "run.json"
 
 
@@ -129,26 +130,42 @@ class OutputLock:
     def holder(self) -> LockInfo | None:
         return LockInfo.parse(read_json(self.path))
 
-    def _take_over_if_stale(self) -> None:
+    def _stale_signature(self) -> str | None:
+        """An identity of the current lock file if it is stale (expired, or unreadable and old)."""
         info = self.holder()
-        if info is None:
-            # Unreadable: either being written right now or torn. Judge it by its age instead.
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return
-            if age < self.ttl:
-                return
-        elif info.expires_at > time.time():
-            return
-        stale = self.path.with_name(f"{self.path.name}.stale.{uuid.uuid4().hex[:8]}")
         try:
-            os.rename(self.path, stale)  # only one contender's rename can succeed
+            mtime = self.path.stat().st_mtime
         except FileNotFoundError:
+            return None
+        if info is None:
+            return f"unreadable@{mtime}" if time.time() - mtime >= self.ttl else None
+        return info.token if info.expires_at <= time.time() else None
+
+    def _take_over_if_stale(self) -> None:
+        """Remove a dead holder's lock. A second O_EXCL file serialises the takeover, so a contender
+        that judged the old lock stale can never remove the fresh lock another contender just made."""
+        signature = self._stale_signature()
+        if signature is None:
             return
-        log.warning("took over an expired lock %s (holder %s)", self.path, info.owner if info else "unknown")
-        with contextlib.suppress(OSError):
-            stale.unlink()
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - guard.stat().st_mtime > TAKEOVER_GUARD_TTL:
+                    guard.unlink()  # a contender died mid-takeover
+            return
+        os.close(fd)
+        try:
+            if self._stale_signature() == signature:
+                info = self.holder()
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                fsync_dir(self.path.parent)
+                log.warning("took over an expired lock %s (holder %s)", self.path, info.owner if info else "unknown")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                guard.unlink()
 
     def acquire(self, wait: float) -> None:
         deadline = time.monotonic() + wait

@@ -27,17 +27,19 @@ log = logging.getLogger("entrypoint")
 
 PARAM_MAX = 250  # what every MLflow 2.x server accepts
 BATCH_MAX = 100
+DOWN_PAUSE = 30.0  # after a failed write, drop writes for this long instead of retrying each one
 
 
 def redact_uri(uri: str) -> str:
     """The URI without credentials, for messages and tags."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        parts = parts._replace(netloc=f"***@{host}")
-    return urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+    if not (parts.username or parts.password or parts.query):
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    netloc = f"***@{host}" if parts.username or parts.password else parts.netloc
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def preflight(uri: str, experiment: str, timeout: float, env: Mapping[str, str] | None = None) -> None:
@@ -59,13 +61,21 @@ def preflight(uri: str, experiment: str, timeout: float, env: Mapping[str, str] 
     if scheme not in ("http", "https"):
         log.info("MLflow tracking URI scheme %r: no start-up check", scheme)
         return
+    parts = urllib.parse.urlsplit(uri)
     query = urllib.parse.urlencode({"experiment_name": experiment})
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?" + query
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") +
+                                   "/api/2.0/mlflow/experiments/get-by-name", query, ""))
     request = urllib.request.Request(url)
+    user = env.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(parts.username or "")
+    password = env.get("MLFLOW_TRACKING_PASSWORD") or urllib.parse.unquote(parts.password or "")
     if env.get("MLFLOW_TRACKING_TOKEN"):
         request.add_header("Authorization", f"Bearer {env['MLFLOW_TRACKING_TOKEN']}")
-    elif env.get("MLFLOW_TRACKING_USERNAME"):
-        pair = f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+    elif user:
+        pair = f"{user}:{password}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=timeout):
@@ -95,6 +105,13 @@ def _params(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _local_artifact_root(uri: str) -> str | None:
+    """A local store keeps its artifacts beside the database, not in the current directory."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
+
+
 class Tracker:
     """One MLflow run, written through a background thread; failures are logged, never raised."""
 
@@ -102,6 +119,12 @@ class Tracker:
         # mlflow's own retries would block for minutes on a dead server; our thread retries instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        parts = urllib.parse.urlsplit(uri)
+        if parts.username or parts.password:
+            # Credentials travel in mlflow's own variables: the URI itself gets printed by mlflow.
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
+            uri = redact_uri(uri).replace("***@", "", 1)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -110,6 +133,8 @@ class Tracker:
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue(maxsize=10000)
         self._thread: threading.Thread | None = None
         self.failures = 0
+        self.dropped = 0
+        self._down_until = 0.0
 
     # Synchronous: run creation happens at start, where failing is right (the preflight passed).
     def open_run(self, experiment: str, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> str:
@@ -124,7 +149,8 @@ class Tracker:
                 run_id = None
         if not run_id:
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=_local_artifact_root(self.uri))
             run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
             self.run_id = run.info.run_id
             log.info("MLflow: created run %s in experiment %r", self.run_id, experiment)
@@ -153,20 +179,26 @@ class Tracker:
     def _drain(self) -> None:
         while True:
             what, args = self._queue.get()
-            if what == "stop":
-                self._queue.task_done()
-                return
-            for attempt in range(3):
-                try:
-                    self._call(what, args)
-                    break
-                except Exception as exc:
-                    self.failures += 1
-                    if attempt == 2:
-                        log.warning("MLflow %s dropped after 3 tries: %s", what, exc)
-                    else:
+            try:
+                if what == "stop":
+                    return
+                if time.monotonic() < self._down_until and what != "status":
+                    self.dropped += 1  # the server is down: drop instead of stalling the queue
+                    continue
+                for attempt in range(3):
+                    try:
+                        self._call(what, args)
+                        break
+                    except Exception as exc:
+                        self.failures += 1
+                        if attempt == 2 or what == "status":
+                            log.warning("MLflow %s failed, pausing tracking for %.0fs: %s", what, DOWN_PAUSE, exc)
+                            self._down_until = time.monotonic() + DOWN_PAUSE
+                            self.dropped += 1
+                            break
                         time.sleep(1 + attempt)
-            self._queue.task_done()
+            finally:
+                self._queue.task_done()
 
     def _put(self, what: str, *args: Any) -> None:
         try:
@@ -198,6 +230,8 @@ class Tracker:
         self._put("stop")
         self._thread.join(timeout)
         done = not self._thread.is_alive()
+        if self.dropped:
+            log.warning("MLflow: %d writes were dropped while the server was unavailable", self.dropped)
         if not done:
             log.warning("MLflow: gave up waiting for %d pending writes after %.0fs", self._queue.qsize(), timeout)
         return done

@@ -78,6 +78,9 @@ def run(settings: Settings) -> int:
         raise ConfigError(f"LORA_OUTPUT_PATH={str(plan.output)!r}: {decision.reason}")
 
     datasets.validate(plan.data, Path(settings.dataset_path))
+    from entrypoint import worker  # the heavy imports start here, once there is work to do
+
+    worker.check_args(plan.lf_args)
     tracking = settings.tracking == "mlflow"
     if tracking:
         preflight(settings.mlflow_tracking_uri, settings.mlflow_experiment_name, settings.mlflow_timeout_seconds)
@@ -96,6 +99,8 @@ def run(settings: Settings) -> int:
 
 
 def _train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, tracking: bool, t0: float) -> int:
+    from entrypoint import worker
+
     settings = plan.settings
     if decision.replace_first:
         moved = move_aside(plan.output)
@@ -144,8 +149,6 @@ def _train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, trackin
         if nproc > 1:
             _train_torchrun(plan, args, run_info, nproc, tracking)
         else:
-            from entrypoint import worker
-
             stop = worker.StopFlag()
             stop.install()
             worker.train(args, checkpoint_on_stop(settings), stop, tracker, lock.lost)

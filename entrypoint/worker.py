@@ -136,19 +136,24 @@ def train(
     lock_lost: threading.Event | None = None,
 ) -> None:
     """Run LLaMA-Factory; returns when training and the final save finished."""
-    from llamafactory.hparams import get_train_args
     from llamafactory.train.tuner import run_exp
+
+    run_exp(resolve_precision(lf_args), callbacks=[JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)])
+
+
+def check_args(lf_args: dict[str, Any]) -> None:
+    """Let LLaMA-Factory parse the arguments before anything is written: unknown or contradictory keys
+    (typically from LLAMAFACTORY_CONFIG) are a configuration error, not a crash mid-run."""
+    from llamafactory.hparams import get_train_args
 
     from entrypoint.errors import ConfigError
 
     args = resolve_precision(lf_args)
+    args["overwrite_output_dir"] = True  # parse only: keep its resume probe away from the output
     try:
-        # Parse once up front: LLaMA-Factory reports unknown or contradictory arguments (often from
-        # LLAMAFACTORY_CONFIG) as ValueError here, which is a configuration error, not a crash.
-        get_train_args(dict(args))
+        get_train_args(args)
     except ValueError as exc:
         raise ConfigError(f"LLaMA-Factory rejected the arguments: {exc}") from exc
-    run_exp(args, callbacks=[JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)])
 
 
 def main(spec_path: str) -> int:
