@@ -75,14 +75,18 @@ def find(docs: list[dict[str, Any]], kind: str, component: str | None = None) ->
     out = []
     for doc in docs:
         labels = doc["metadata"].get("labels") or {}
-        if doc["kind"] == kind and (component is None or labels.get("app.kubernetes.io/component") == component):
+        if doc["kind"] == kind and (
+            component is None or labels.get("app.kubernetes.io/component") == component
+        ):
             out.append(doc)
     return out
 
 
 def one(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
     found = find(docs, kind, component)
-    assert len(found) == 1, f"expected one {kind} {component or ''}, found {[d['metadata']['name'] for d in found]}"
+    assert len(found) == 1, (
+        f"expected one {kind} {component or ''}, found {[d['metadata']['name'] for d in found]}"
+    )
     return found[0]
 
 
