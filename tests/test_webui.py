@@ -86,3 +86,29 @@ def test_webui_serves_llama_board_from_storage_and_stops_on_sigterm(tmp_path: Pa
     output = log.read_text()
     assert "public URL" not in output and "gradio.live" not in output, output
     assert _get(f"http://127.0.0.1:{port}/")[0] == 0, "the server still answers after the launcher exited"
+
+
+def test_workdir_links_the_datasets_but_keeps_a_data_dir_of_its_own(tmp_path: Path) -> None:
+    from entrypoint.settings import load_settings
+    from entrypoint.webui import prepare_environment, prepare_workdir
+
+    datasets = tmp_path / "storage" / "data"
+    datasets.mkdir(parents=True)
+    fresh = load_settings(
+        {"TRACKING": "none", "WEBUI_WORKDIR": str(tmp_path / "fresh"), "DATASET_PATH": str(datasets)}
+    )
+    assert (prepare_workdir(fresh) / "data").resolve() == datasets.resolve()
+
+    own = tmp_path / "own"
+    (own / "data").mkdir(parents=True)
+    kept = load_settings({"TRACKING": "none", "WEBUI_WORKDIR": str(own), "DATASET_PATH": str(datasets)})
+    prepare_workdir(kept)
+    assert not (own / "data").is_symlink()
+
+    environ = {"GRADIO_SHARE": "1"}
+    prepare_environment(fresh, environ)
+    assert environ == {
+        "GRADIO_SERVER_NAME": "0.0.0.0",
+        "GRADIO_SERVER_PORT": "7860",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
