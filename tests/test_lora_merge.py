@@ -72,14 +72,20 @@ CASES = {
     # Trained on LlamaModel (no head): keys say `layers.0...` where the base says `model.layers.0...`.
     "llama-bf16-adapter-from-bare-model": ("llama-bare", torch.bfloat16, {"target_modules": ["up_proj"]},
                                            ("up_proj.weight",)),
+    # Tied embeddings (Qwen2.5 and Llama 3.2 small models): the base stores no lm_head at all.
+    "qwen2-fp32-tied-embeddings-embedding-lora": ("qwen2-tied", torch.float32,
+                                                  {"target_modules": ["q_proj", "embed_tokens"]},
+                                                  ("q_proj.weight", "embed_tokens.weight")),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_merge_is_bit_identical_to_peft(tmp_path: Path, case: str) -> None:
     arch, dtype, lora, expect_changed = CASES[case]
-    bare = arch.endswith("-bare")
-    base = make_base(tmp_path / "base", arch.removesuffix("-bare"), dtype)
+    arch, _, variant = arch.partition("-")
+    bare = variant == "bare"
+    tied = {"tie_word_embeddings": True} if variant == "tied" else {}
+    base = make_base(tmp_path / "base", arch, dtype, **tied)
     adapter = make_adapter(base, tmp_path / "adapter", dtype, bare=bare, r=8, lora_alpha=16, **lora)
 
     result = merged(base, adapter, tmp_path / "out")
@@ -92,7 +98,7 @@ def test_merge_is_bit_identical_to_peft(tmp_path: Path, case: str) -> None:
         assert tensor.dtype == original[name].dtype == dtype, name
         candidates = (name, f"transformer.{name}", name.removeprefix("model."))
         ref_name = next((n for n in candidates if n in reference), None)
-        if ref_name is None:  # not part of the reference model (GPT-2's tied head, a bare model's head)
+        if ref_name is None:  # not in the reference model: a bare model's head
             assert torch.equal(tensor, original[name]), name
             continue
         # Bit-identical in every dtype: PEFT's in-place `weight += delta` also rounds once from float32.
