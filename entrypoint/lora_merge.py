@@ -181,6 +181,7 @@ def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileH
             modules.setdefault(parsed.module, {})[parsed.kind] = name
     for module, parts in modules.items():
         _plan_module(base, config, adapter, module, parts, updates, problems)
+    problems += _orientation_problems(base, config, updates)
     for target in updates:
         entry = base.tensors[target][1]
         if entry.dtype not in FLOAT_DTYPES:
@@ -221,12 +222,12 @@ def _option_problems(config: AdapterConfig, base: BaseModel) -> list[str]:
 def _resolve(base: BaseModel, parameter: str, adapter_key: str, problems: list[str]) -> str | None:
     target = base.resolve(parameter)
     if target is None:
-        tied = " (the base ties lm_head to embed_tokens: tie_word_embeddings)" if (
-            "lm_head" in parameter and base.config.get("tie_word_embeddings")) else ""
-        problems.append(
-            f"adapter tensor {adapter_key} has no matching base tensor {parameter}{tied}: "
-            "the adapter was made for another base model"
-        )
+        # transformers' configs tie by default and save only values that differ from the default.
+        why = ("the base ties its output embeddings to its input embeddings (tie_word_embeddings), so it has "
+               "no lm_head of its own to merge into") if (
+            parameter.startswith("lm_head") and base.config.get("tie_word_embeddings", True)
+        ) else "the adapter was made for another base model"
+        problems.append(f"adapter tensor {adapter_key} has no matching base tensor {parameter}: {why}")
     return target
 
 
@@ -297,6 +298,22 @@ def _plan_module(
     update.lora = (a.name, b.name, config.scale(module), transpose)
     if "lora_B.bias" in parts:
         _plan_bias(base, adapter[parts["lora_B.bias"]], module, updates, problems)
+
+
+def _orientation_problems(base: BaseModel, config: AdapterConfig, updates: dict[str, _Update]) -> list[str]:
+    """Refuse when the saved fan_in_fan_out flag is known to be stale and a square tensor needs it.
+
+    A non-square tensor shows its orientation; a square one relies on the flag, which PEFT rewrites
+    per wrapped layer type (GPT-2's Conv1D layers plus a Linear lm_head leave it wrong for some).
+    """
+    flag = bool(config.raw.get("fan_in_fan_out"))
+    linear = {t: u.lora for t, u in updates.items() if u.lora and not u.lora[0].endswith("lora_embedding_A")}
+    flipped = [target for target, lora in linear.items() if lora[3] != flag]
+    square = [target for target in linear if len(set(base.tensors[target][1].shape)) == 1]
+    if flipped and square:
+        return [f"fan_in_fan_out={flag} in adapter_config.json does not fit {flipped[0]}, so the orientation "
+                f"of square tensors such as {square[0]} is unknown: this adapter cannot be merged exactly"]
+    return []
 
 
 def _plan_bias(

@@ -22,6 +22,7 @@ from merge_helpers import (
     make_base,
     make_tokenizer,
     max_ulp,
+    model_config,
     peft_merged,
     read_json,
     read_weights,
@@ -256,6 +257,27 @@ def test_unused_adapter_tensors_are_named(tmp_path: Path, good: tuple[Path, Path
     assert ("adapter tensor base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight has no matching "
             "base tensor model.layers.7.self_attn.q_proj.weight") in message
     assert "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector is not a LoRA weight" in message
+
+
+def test_trained_head_on_a_tied_base_is_refused(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base", "qwen2", torch.float32, tie_word_embeddings=True)
+    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=4, target_modules=["q_proj"],
+                           modules_to_save=["lm_head"])
+    message = refused(base, adapter, tmp_path / "out")
+    assert "no matching base tensor lm_head.weight: the base ties its output embeddings" in message
+
+
+def test_square_tensor_of_unknown_orientation_is_refused(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(model_config("gpt2", tie_word_embeddings=False)).save_pretrained(base)
+    # PEFT flips fan_in_fan_out per layer type (Conv1D blocks, Linear head) and saves the last value.
+    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=4, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_proj", "lm_head"])
+    message = refused(base, adapter, tmp_path / "out")
+    assert "fan_in_fan_out=False in adapter_config.json does not fit transformer.h.0.attn.c_attn" in message
+    assert "square tensors such as transformer.h.0.attn.c_proj.weight" in message
 
 
 def test_rank_that_contradicts_the_config_is_refused(tmp_path: Path, good: tuple[Path, Path]) -> None:
