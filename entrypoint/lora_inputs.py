@@ -76,12 +76,10 @@ class BaseModel:
         Sub-directories (`original/` with a second copy of the weights, hub caches) and files of other
         weight formats are left out: vLLM and transformers read neither.
         """
-        weights = {shard.path.name for shard in self.shards} | {WEIGHT_INDEX}
+        skipped = (".safetensors", ".index.json", *OTHER_WEIGHT_SUFFIXES)
         return sorted(
             path for path in self.directory.iterdir()
-            if path.is_file() and not path.name.startswith(".") and path.name not in weights
-            and not path.name.endswith(".safetensors") and not path.name.endswith(OTHER_WEIGHT_SUFFIXES)
-            and not path.name.endswith(".index.json")
+            if path.is_file() and not path.name.startswith(".") and not path.name.endswith(skipped)
         )
 
 

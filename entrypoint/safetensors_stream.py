@@ -1,10 +1,10 @@
 """Read and write safetensors files one tensor at a time.
 
-Torch-free on purpose: the vLLM servability check reads headers on machines without torch.
 The format is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
 shape and byte range, then the raw little-endian tensor bytes. safetensors' own `save_file` needs
 every tensor of a file in memory at once; writing the format here lets a merge hold one tensor at
 a time and copy untouched tensors file-to-file without passing them through Python at all.
+Torch-free on purpose: the vLLM servability check reads headers where torch is not installed.
 """
 
 from __future__ import annotations
