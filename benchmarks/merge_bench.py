@@ -1,0 +1,202 @@
+"""Benchmark the streaming LoRA merge against PEFT and `llamafactory-cli export` on a local model.
+
+    python benchmarks/merge_bench.py [--params 400M] [--workdir DIR] [--shards 5] [--rank 16]
+
+Builds (once per workdir) a random bf16 Llama of about --params parameters in --shards safetensors
+shards, a small tokenizer and a rank-16 LoRA adapter on all linear layers with random B, then runs
+each method in its own process and prints peak RSS, wall time, output size and dtype. Exits 1 when
+a target is missed: peak RSS <= 0.35x PEFT's, wall <= PEFT's, output dtype and size equal the base's.
+
+Peak RSS is the child's ru_maxrss from wait4(). Linux carries the parent's RSS high-water mark into a
+child started by vfork+exec, so this process stays small: it never imports torch, and the model is
+built in a child of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from entrypoint.safetensors_stream import read_header  # noqa: E402  (torch-free)
+
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 1024, 2816, 16, 32000
+RSS_TARGET = 0.35
+
+
+def parse_params(text: str) -> int:
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1].upper(), 1)
+    return int(float(text[:-1] if scale != 1 else text) * scale)
+
+
+def layers_for(params: int) -> int:
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
+    return max(1, round((params - 2 * VOCAB * HIDDEN) / per_layer))
+
+
+def build(workdir: Path, params: int, shards: int, rank: int) -> None:
+    """Child process: write workdir/base (model + tokenizer) and workdir/adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, num_hidden_layers=layers_for(params), max_position_embeddings=2048,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = workdir / "base"
+    model.save_pretrained(base, max_shard_size=int(total / shards * 1.02) + 1, safe_serialization=True)
+
+    # A small BPE tokenizer: `llamafactory-cli export` needs one beside the model.
+    words = [f"token{i} word{i % 97} piece{i % 13}" for i in range(2000)]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(words, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(base)
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    peft_model.save_pretrained(workdir / "adapter")
+    (workdir / "built.json").write_text(json.dumps({"params": params, "shards": shards, "rank": rank}))
+
+
+def run_ours(base: Path, adapter: Path, out: Path) -> None:
+    from entrypoint.lora_merge import merge_adapter
+
+    out.mkdir()
+    merge_adapter(base, adapter, out, lambda p: print(f"  shard {p.shard_index}/{p.shard_count}", flush=True))
+
+
+def run_peft(base: Path, adapter: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
+
+
+def measure(name: str, command: list[str], out: Path) -> dict[str, object]:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1"}
+    started = time.monotonic()
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    if child.returncode != 0:
+        sys.exit(f"{name} failed ({child.returncode}):\n{stderr.decode(errors='replace')[-3000:]}")
+    size, dtype = weights_of(out)
+    return {"method": name, "rss_mb": usage.ru_maxrss / 1024, "wall_s": wall, "size_mb": size / 1e6,
+            "dtype": dtype}
+
+
+def weights_of(directory: Path) -> tuple[int, str]:
+    by_dtype: dict[str, int] = {}
+    files = sorted(directory.glob("*.safetensors"))
+    for path in files:
+        for entry in read_header(path, "output").entries:
+            by_dtype[entry.dtype] = by_dtype.get(entry.dtype, 0) + entry.nbytes
+    dtypes = sorted(by_dtype, key=by_dtype.__getitem__, reverse=True)
+    return sum(p.stat().st_size for p in files), "+".join(dtypes)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="400M", help="model size, e.g. 400M or 1.5B")
+    parser.add_argument("--workdir", type=Path, help="keeps the model between runs (default: a temp dir)")
+    parser.add_argument("--shards", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--child", nargs=4, metavar=("ROLE", "A", "B", "C"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        role, *paths = args.child
+        if role == "build":
+            build(Path(paths[0]), int(paths[1]), args.shards, int(paths[2]))
+        else:
+            {"ours": run_ours, "peft": run_peft}[role](*map(Path, paths))
+        return 0
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = parse_params(args.params)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    wanted = {"params": params, "shards": args.shards, "rank": args.rank}
+    built = workdir / "built.json"
+    if not built.is_file() or json.loads(built.read_text()) != wanted:
+        for stale in ("base", "adapter"):
+            shutil.rmtree(workdir / stale, ignore_errors=True)
+        print(f"building a {args.params} bf16 Llama, rank-{args.rank} adapter in {workdir} ...", flush=True)
+        subprocess.run([*me, "--shards", str(args.shards), "--child", "build", str(workdir), str(params),
+                        str(args.rank)], check=True)
+    base, adapter = workdir / "base", workdir / "adapter"
+    base_size, base_dtype = weights_of(base)
+    shard_count = len(list(base.glob("*.safetensors")))
+    print(f"base: {base_size / 1e6:.0f} MB {base_dtype} in {shard_count} shards; adapter "
+          f"{(adapter / 'adapter_model.safetensors').stat().st_size / 1e6:.1f} MB", flush=True)
+
+    export_yaml = workdir / "export.yaml"
+    export_yaml.write_text(
+        f"model_name_or_path: {base}\nadapter_name_or_path: {adapter}\ntemplate: default\n"
+        f"finetuning_type: lora\nexport_dir: {workdir / 'out-llamafactory'}\nexport_device: cpu\n"
+        "export_size: 5\n"
+    )
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    ours, peft = workdir / "out-ours", workdir / "out-peft"
+    runs = [
+        ("streaming merge (ours)", [*me, "--child", "ours", str(base), str(adapter), str(ours)], ours),
+        ("PEFT merge_and_unload", [*me, "--child", "peft", str(base), str(adapter), str(peft)], peft),
+        ("llamafactory-cli export", [str(cli), "export", str(export_yaml)], workdir / "out-llamafactory"),
+        ("cp -r (I/O floor)", ["cp", "-r", str(base), str(workdir / "out-cp")], workdir / "out-cp"),
+    ]
+    results = []
+    for name, command, out in runs:
+        print(f"running {name} ...", flush=True)
+        results.append(measure(name, command, out))
+
+    ours_row, peft_row = results[0], results[1]
+    print()
+    print("| method | peak RSS (MB) | wall (s) | output size (MB) | output dtype | RSS/PEFT | wall/PEFT |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for row in results:
+        rss_ratio, wall_ratio = row["rss_mb"] / peft_row["rss_mb"], row["wall_s"] / peft_row["wall_s"]
+        print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['size_mb']:.0f} | "
+              f"{row['dtype']} | {rss_ratio:.2f} | {wall_ratio:.2f} |")
+    checks = {
+        f"peak RSS <= {RSS_TARGET}x PEFT's": ours_row["rss_mb"] <= RSS_TARGET * peft_row["rss_mb"],
+        "wall <= PEFT's": ours_row["wall_s"] <= peft_row["wall_s"],
+        f"output dtype = base's ({base_dtype})": ours_row["dtype"] == base_dtype,
+        f"output size = base's ({base_size / 1e6:.0f} MB)": round(ours_row["size_mb"] * 1e6) == base_size,
+    }
+    print()
+    for check, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {check}")
+    if args.workdir is None:
+        shutil.rmtree(workdir)
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Merge a PEFT LoRA adapter into its base model, one tensor at a time, exactly as PEFT would.
+
+Memory stays at about one tensor (plus torch itself) whatever the model size: each base shard is
+rewritten tensor by tensor into a file of the same name, layout and dtype; tensors the adapter does
+not touch are copied file-to-file by the kernel, and each adapter tensor is read once, when its base
+tensor comes up. Targeted tensors get W + scale * (B @ A), computed in float32 (the arithmetic of
+PEFT's merge_and_unload with its float32 adapter weights) and rounded once to the base dtype, so
+the result is bit-identical to PEFT's.
+
+Everything that can be checked from JSON files and safetensors headers (options, names, shapes,
+truncated files) is checked before the first byte is written. The caller owns `out_dir`: an empty
+temporary directory it publishes or deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from entrypoint.errors import ConfigError
+from entrypoint.lora_inputs import (
+    AdapterConfig,
+    BaseModel,
+    added_tokens,
+    has_tokenizer,
+    parse_adapter_key,
+    read_adapter,
+    read_base_model,
+)
+from entrypoint.safetensors_stream import (
+    FileHeader,
+    TensorEntry,
+    copy_range,
+    encode_header,
+    write_all,
+)
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# transformers' loader only checks that the metadata says "pt".
+SHARD_METADATA = {"format": "pt"}
+# Adapter options that change what "merged" means; PEFT merges none of them into plain weights the
+# same way, so they are refused rather than approximated.
+UNMERGEABLE_OPTIONS = {
+    "use_dora": "DoRA (use_dora: true) rescales every merged row by a learned magnitude; this merge does "
+                "not implement it: train without DoRA, or merge with PEFT's merge_and_unload",
+    "layer_replication": "layer_replication duplicates base layers; the merged model would need a new layout",
+    "trainable_token_indices": "trainable_token_indices (trainable token embeddings) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after its invocation "
+                               "tokens: a merged weight cannot express that",
+}
+# These initialisations change the base weights during training; the adapter only fits the modified
+# base unless it was converted back (PEFT's path_initial_model_for_weight_conversion).
+BASE_ALTERING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeProgress:
+    """Reported after each shard is written."""
+
+    shard_index: int  # 1-based
+    shard_count: int
+    shard_name: str
+    bytes_done: int  # tensor bytes written so far, all shards
+    bytes_total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    output_bytes: int  # every file written into out_dir
+    shards: int
+    tensors_merged: int  # base tensors changed by the adapter (0 when copying a full fine-tune)
+    dtype: str  # the weights' dtype (the one holding most bytes), e.g. "bfloat16"
+    wall_seconds: float
+    copied_files: tuple[str, ...]  # non-weight files taken from the base: config, tokenizer, ...
+
+
+@dataclasses.dataclass
+class _Update:
+    """What happens to one base tensor; every field names adapter tensors by key."""
+
+    replacement: str | None = None  # a trained full copy replaces the base values
+    lora: tuple[str, str, float, bool] | None = None  # (A key, B key, scale, transpose B @ A)
+    bias_delta: str | None = None  # lora_B.bias, added unscaled as PEFT does
+
+
+ProgressCallback = Callable[[MergeProgress], None]
+
+
+def merge_adapter(
+    base_dir: Path,
+    adapter_dir: Path | None,
+    out_dir: Path,
+    progress: ProgressCallback | None = None,
+) -> MergeResult:
+    """Write base + adapter into the empty directory `out_dir`; `adapter_dir` None copies a full model.
+
+    Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly.
+    """
+    started = time.monotonic()
+    if not out_dir.is_dir() or any(out_dir.iterdir()):
+        raise ValueError(f"out_dir {out_dir} must be an existing empty directory")
+    base = read_base_model(base_dir)
+    updates: dict[str, _Update] = {}
+    adapter_header = None
+    if adapter_dir is not None:
+        updates, adapter_header = _plan(base, adapter_dir)
+    if not has_tokenizer(base_dir):
+        log.warning("base model %s has no tokenizer files: vLLM needs them beside the weights", base_dir)
+
+    bytes_total = sum(shard.data_bytes for shard in base.shards)
+    bytes_done = 0
+    scratch = _Scratch()
+    with contextlib.ExitStack() as stack:
+        adapter = stack.enter_context(_TensorReader(adapter_header)) if adapter_header else None
+        for number, shard in enumerate(base.shards, start=1):
+            _write_shard(shard, out_dir / shard.path.name, updates, adapter, scratch)
+            bytes_done += shard.data_bytes
+            if progress is not None:
+                progress(MergeProgress(number, len(base.shards), shard.path.name, bytes_done, bytes_total))
+    if base.index is not None:
+        _write_index(base, out_dir)
+    copied = []
+    for path in base.other_files():
+        _copy_file(path, out_dir / path.name)
+        copied.append(path.name)
+    _fsync_path(out_dir)
+    return MergeResult(
+        output_bytes=sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
+        shards=len(base.shards),
+        tensors_merged=len(updates),
+        dtype=_main_dtype(base),
+        wall_seconds=time.monotonic() - started,
+        copied_files=tuple(copied),
+    )
+
+
+def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileHeader]:
+    """Decide from headers alone which base tensor each adapter tensor changes; refuse what does not fit."""
+    config, header = read_adapter(adapter_dir)
+    problems = _option_problems(config, base)
+    if problems:
+        raise ConfigError(f"cannot merge adapter {adapter_dir}: " + "; ".join(problems))
+    extra_tokens = added_tokens(adapter_dir, base.directory)
+    if extra_tokens:
+        raise ConfigError(
+            f"adapter {adapter_dir} saved a tokenizer with {len(extra_tokens)} tokens the base lacks "
+            f"(e.g. {', '.join(map(repr, extra_tokens[:5]))}): the vocabulary was resized during training, "
+            "which this merge does not support; train without new tokens (new_special_tokens/resize_vocab)"
+        )
+
+    adapter = header.by_name()
+    modules: dict[str, dict[str, str]] = {}
+    updates: dict[str, _Update] = {}
+    for name in adapter:
+        parsed = parse_adapter_key(name)
+        if parsed.kind == "unknown":
+            problems.append(f"adapter tensor {name} is not a LoRA weight this merge knows how to apply")
+        elif parsed.kind == "full":
+            target = _resolve(base, parsed.parameter, name, problems)
+            if target is None:
+                continue
+            update = updates.setdefault(target, _Update())
+            if update.replacement is not None:
+                problems.append(f"adapter tensors {update.replacement} and {name} both replace {target}")
+            update.replacement = name
+            _check_full_copy(base, adapter[name], target, problems)
+        else:
+            modules.setdefault(parsed.module, {})[parsed.kind] = name
+    for module, parts in modules.items():
+        _plan_module(base, config, adapter, module, parts, updates, problems)
+    problems += _orientation_problems(base, config, updates)
+    for target in updates:
+        entry = base.tensors[target][1]
+        if entry.dtype not in FLOAT_DTYPES:
+            problems.append(f"base tensor {target} is {entry.dtype}: not a float weight a merge can change")
+    for name, entry in adapter.items():
+        if entry.dtype not in FLOAT_DTYPES:
+            problems.append(f"adapter tensor {name} is {entry.dtype}; expected F32, BF16, F16 or F64")
+    if problems:
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ConfigError(f"cannot merge adapter {adapter_dir} into {base.directory}: " + "; ".join(shown))
+    return updates, header
+
+
+def _option_problems(config: AdapterConfig, base: BaseModel) -> list[str]:
+    raw = config.raw
+    problems = []
+    if raw.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {raw.get('peft_type')!r}: only LoRA adapters can be merged")
+    problems += [why for option, why in UNMERGEABLE_OPTIONS.items() if raw.get(option)]
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_ALTERING_INITS):
+        problems.append(
+            f"init_lora_weights={raw['init_lora_weights']!r} changes the base weights during training: "
+            "convert the adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
+        )
+    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
+        problems.append(f"bias={raw['bias']!r} is not one of none, all, lora_only")
+    quantization = base.config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        problems.append(
+            f"the base model is quantized ({method}, config.json has quantization_config): merging into "
+            "quantized weights loses the update; merge into the original unquantized base model"
+        )
+    return problems
+
+
+def _resolve(base: BaseModel, parameter: str, adapter_key: str, problems: list[str]) -> str | None:
+    target = base.resolve(parameter)
+    if target is None:
+        # transformers' configs tie by default and save only values that differ from the default.
+        why = ("the base ties its output embeddings to its input embeddings (tie_word_embeddings), so it has "
+               "no lm_head of its own to merge into") if (
+            parameter.startswith("lm_head") and base.config.get("tie_word_embeddings", True)
+        ) else "the adapter was made for another base model"
+        problems.append(f"adapter tensor {adapter_key} has no matching base tensor {parameter}: {why}")
+    return target
+
+
+def _check_full_copy(base: BaseModel, entry: TensorEntry, target: str, problems: list[str]) -> None:
+    shard, base_entry = base.tensors[target]
+    if entry.shape == base_entry.shape:
+        return
+    resized = (
+        " (the vocabulary was resized during training: not supported)"
+        if len(entry.shape) == 2 and entry.shape[1:] == base_entry.shape[1:] else ""
+    )
+    problems.append(
+        f"adapter tensor {entry.name} has shape {list(entry.shape)} but base tensor {target} in "
+        f"{shard.path.name} has {list(base_entry.shape)}{resized}"
+    )
+
+
+def _plan_module(
+    base: BaseModel,
+    config: AdapterConfig,
+    adapter: dict[str, TensorEntry],
+    module: str,
+    parts: dict[str, str],
+    updates: dict[str, _Update],
+    problems: list[str],
+) -> None:
+    """Plan one LoRA module: its A/B pair (linear or embedding) and an optional lora_B bias."""
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    expected = {a_kind, b_kind} | ({"lora_B.bias"} if "lora_B.bias" in parts else set())
+    if set(parts) != expected:
+        problems.append(f"LoRA module {module} has {sorted(parts)}, expected {sorted(expected)}")
+        return
+    a, b = adapter[parts[a_kind]], adapter[parts[b_kind]]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        problems.append(f"LoRA module {module} is not a linear or embedding layer (lora_A shape "
+                        f"{list(a.shape)}): LoRA on convolutions is not supported")
+        return
+    rank, _ = config.rank_and_alpha(module)
+    if a.shape[0] != rank or b.shape[1] != rank:
+        problems.append(f"adapter_config.json gives rank {rank} for {module} (r / rank_pattern) but its "
+                        f"{a_kind} is {list(a.shape)} and {b_kind} is {list(b.shape)}")
+        return
+    target = _resolve(base, f"{module}.weight", a.name, problems)
+    if target is None:
+        return
+    shard, entry = base.tensors[target]
+    straight, transposed = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
+    # PEFT transposes B @ A for embeddings, and for Conv1D layers (GPT-2; fan_in_fan_out). It flips the
+    # flag per layer type while wrapping, so the saved flag can be stale for some layers: prefer it, and
+    # take the other orientation when only that one fits the base tensor.
+    prefer = True if embedding else bool(config.raw.get("fan_in_fan_out"))
+    if entry.shape == (transposed if prefer else straight):
+        transpose = prefer
+    elif not embedding and entry.shape == (straight if prefer else transposed):
+        transpose = not prefer
+    else:
+        problems.append(
+            f"adapter tensors {a.name} {list(a.shape)} and {b.name} {list(b.shape)} give an update of shape "
+            f"{list(transposed if prefer else straight)}, but base tensor {target} in {shard.path.name} has "
+            f"shape {list(entry.shape)}: the adapter was made for another base model"
+        )
+        return
+    update = updates.setdefault(target, _Update())
+    if update.lora is not None:
+        problems.append(f"two LoRA modules change base tensor {target} ({update.lora[0]} and {a.name})")
+        return
+    update.lora = (a.name, b.name, config.scale(module), transpose)
+    if "lora_B.bias" in parts:
+        _plan_bias(base, adapter[parts["lora_B.bias"]], module, updates, problems)
+
+
+def _orientation_problems(base: BaseModel, config: AdapterConfig, updates: dict[str, _Update]) -> list[str]:
+    """Refuse when the saved fan_in_fan_out flag is known to be stale and a square tensor needs it.
+
+    A non-square tensor shows its orientation; a square one relies on the flag, which PEFT rewrites
+    per wrapped layer type (GPT-2's Conv1D layers plus a Linear lm_head leave it wrong for some).
+    """
+    flag = bool(config.raw.get("fan_in_fan_out"))
+    linear = {t: u.lora for t, u in updates.items() if u.lora and not u.lora[0].endswith("lora_embedding_A")}
+    flipped = [target for target, lora in linear.items() if lora[3] != flag]
+    square = [target for target in linear if len(set(base.tensors[target][1].shape)) == 1]
+    if flipped and square:
+        return [f"fan_in_fan_out={flag} in adapter_config.json does not fit {flipped[0]}, so the orientation "
+                f"of square tensors such as {square[0]} is unknown: this adapter cannot be merged exactly"]
+    return []
+
+
+def _plan_bias(
+    base: BaseModel, bias: TensorEntry, module: str, updates: dict[str, _Update], problems: list[str]
+) -> None:
+    target = base.resolve(f"{module}.bias")
+    if target is None:
+        problems.append(f"adapter tensor {bias.name} (lora_bias) needs base tensor {module}.bias, which the "
+                        "base lacks (PEFT cannot merge this adapter either)")
+        return
+    base_shape = base.tensors[target][1].shape
+    if bias.shape != base_shape:
+        problems.append(f"adapter tensor {bias.name} has shape {list(bias.shape)} but base tensor {target} "
+                        f"has {list(base_shape)}")
+        return
+    updates.setdefault(target, _Update()).bias_delta = bias.name
+
+
+class _Scratch:
+    """Buffers reused for every tensor of the merge.
+
+    Memory stays at one tensor's worth for the whole run instead of growing with allocator
+    fragmentation, and the pages are faulted in once rather than once per tensor.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def tensor(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[role, dtype] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+class _TensorReader:
+    """Reads single tensors of one safetensors file."""
+
+    def __init__(self, header: FileHeader) -> None:
+        self.header = header
+        self.entries = header.by_name()
+        self._file = open(header.path, "rb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> _TensorReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, in `out` when given (its shape and dtype must match), else in a new buffer."""
+        entry = self.entries[name]
+        if out is None:
+            out = torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+        self._file.seek(self.header.data_start + entry.start)
+        if entry.nbytes and self._file.readinto(_bytes_of(out)) != entry.nbytes:
+            raise ConfigError(f"{self.header.path} ended while reading {name!r}: it changed during the merge")
+        return out
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    # A uint8 view of a contiguous tensor exposes its memory to file I/O without a copy.
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _write_shard(
+    shard: FileHeader,
+    dest: Path,
+    updates: dict[str, _Update],
+    adapter: _TensorReader | None,
+    scratch: _Scratch,
+) -> None:
+    """Rewrite one shard with the same layout; untouched tensors never enter Python."""
+    with _TensorReader(shard) as src, open(dest, "xb", buffering=0) as out:
+        write_all(out.fileno(), encode_header(shard.entries, SHARD_METADATA))
+        for entry in shard.entries:
+            update = updates.get(entry.name)
+            if update is None or adapter is None:
+                copy_range(src.fileno(), out.fileno(), shard.data_start + entry.start, entry.nbytes)
+                continue
+            data = _bytes_of(_merged(src, entry, update, adapter, scratch).contiguous())
+            if data.nbytes != entry.nbytes:
+                raise RuntimeError(f"merged {entry.name} has {data.nbytes} bytes, expected {entry.nbytes}")
+            write_all(out.fileno(), data)
+        os.fsync(out.fileno())
+
+
+def _merged(
+    src: _TensorReader, entry: TensorEntry, update: _Update, adapter: _TensorReader, scratch: _Scratch
+) -> torch.Tensor:
+    """The merged values of one base tensor, in its dtype, with PEFT's operations in PEFT's order."""
+    dtype = FLOAT_DTYPES[entry.dtype]
+    if update.replacement is not None:
+        weight = adapter.read(update.replacement).to(dtype)
+    else:
+        # Read into a reused buffer and update it in place: no allocation, one pass less per tensor.
+        weight = src.read(entry.name, scratch.tensor("weight", entry.shape, dtype))
+    if update.lora is not None:
+        a_key, b_key, scale, transpose = update.lora
+        a, b = adapter.read(a_key), adapter.read(b_key)
+        compute = torch.promote_types(a.dtype, torch.float32)
+        # peft's get_delta_weight: (B @ A), transposed for fan_in_fan_out and embeddings, times scaling.
+        delta = scratch.tensor("delta", (b.shape[0], a.shape[1]), compute)
+        torch.matmul(b.to(compute), a.to(compute), out=delta)
+        if transpose:
+            delta = delta.T
+        delta *= scale
+        # peft's merge: `weight.data += delta`. An in-place add computes in the promoted dtype (float32
+        # for a bf16/fp16 weight) and rounds once to the weight's dtype.
+        weight += delta
+    if update.bias_delta is not None:
+        weight += adapter.read(update.bias_delta)
+    return weight
+
+
+def _write_index(base: BaseModel, out_dir: Path) -> None:
+    assert base.index is not None
+    metadata = dict(base.index.get("metadata") or {})
+    metadata["total_size"] = sum(shard.data_bytes for shard in base.shards)
+    index = {"metadata": metadata, "weight_map": dict(base.index["weight_map"])}
+    dest = out_dir / "model.safetensors.index.json"
+    with open(dest, "x", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    shutil.copyfile(src, dest)
+    _fsync_path(dest)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _main_dtype(base: BaseModel) -> str:
+    sizes: dict[str, int] = {}
+    for shard in base.shards:
+        for entry in shard.entries:
+            sizes[entry.dtype] = sizes.get(entry.dtype, 0) + entry.nbytes
+    code = max(sizes, key=sizes.__getitem__) if sizes else "F32"
+    return str(FLOAT_DTYPES[code]).removeprefix("torch.") if code in FLOAT_DTYPES else code
