@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "Train (or skip, or resume) as configured by the environment.",
     "check": "Validate the configuration and data, print the plan and the decision; change nothing.",
     "merge": "Merge the trained adapter into the base model and publish it for vLLM.",
+    "vllm-lora": "Check whether vLLM can serve the adapter without merging; print the flags and load request.",
     "webui": "Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
     "demo": "Run the whole flow locally on a generated tiny model (no GPU, no cluster).",
     "config": "Print the configuration reference (every variable, default and allowed values).",
@@ -84,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from entrypoint import merge
 
             return merge.run(settings)
+        if args.command == "vllm-lora":
+            from entrypoint import merge
+
+            return merge.vllm_lora(settings)
         if args.command == "webui":
             from entrypoint import webui
 

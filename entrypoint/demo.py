@@ -1,8 +1,9 @@
 """`python -m entrypoint demo`: the product itself, run locally on a generated tiny model.
 
-A folder laid out like /storage gets a tiny model and the demo dataset (once), then the very same
-`python -m entrypoint train` a Job runs trains it, logging to a local MLflow store. Running the demo
-again is cheap: the finished training is skipped.
+A folder laid out like /storage gets a tiny model and the demo dataset (once); then the very commands
+the Jobs run, `python -m entrypoint train` and `merge`, train it (logging to a local MLflow store) and
+publish the merged model, which is loaded and asked the demo prompt. Running the demo again is cheap:
+finished training and merging are skipped.
 """
 
 from __future__ import annotations
@@ -62,17 +63,26 @@ def run(storage: str, steps: int | None = None) -> int:
     root = Path(storage).resolve()
     prepare(root)
     env = {**os.environ, **storage_env(root, steps or DEMO_STEPS)}
-    code = subprocess.run([sys.executable, "-m", "entrypoint", "train"], env=env).returncode
-    if code:
-        return code
+    for command in ("train", "merge"):
+        code = subprocess.run([sys.executable, "-m", "entrypoint", command], env=env).returncode
+        if code:
+            return code
+    from entrypoint.tinymodel import DEMO_ANSWER, DEMO_PROMPT, generate_answer
+
+    merged = Path(env["MERGED_MODEL_PATH"])
+    answer = generate_answer(merged, DEMO_PROMPT)
     adapter = Path(env["LORA_OUTPUT_PATH"])
     marker = read_marker(adapter) or {}
     results = marker.get("results", {})
-    print("\n== demo: training done ==")
+    print("\n== demo: trained, merged, published ==")
     print(f"adapter:      {adapter}")
+    print(f"merged model: {merged} -> {merged.resolve().name} (what vLLM would read)")
+    print(f"prompt:       {DEMO_PROMPT}")
+    print(f"answer:       {answer}")
+    print(f"expected:     {DEMO_ANSWER}  [{'match' if answer == DEMO_ANSWER else 'MISMATCH'}]")
     print(f"train loss:   {results.get('train_loss')}")
     print(f"MLflow run:   {marker.get('mlflow_run_id')} (experiment {env['MLFLOW_EXPERIMENT_NAME']!r})")
     print(f"MLflow store: {env['MLFLOW_TRACKING_URI']}")
     print(f"  browse it:  mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}")
     print("marker:       " + json.dumps({k: marker.get(k) for k in ("fingerprint", "finetuning_type")}))
-    return 0
+    return 0 if answer == DEMO_ANSWER else 1

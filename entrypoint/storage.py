@@ -112,7 +112,8 @@ class OutputLock:
 
     def _payload(self) -> dict[str, Any]:
         now = time.time()
-        return {"owner": self.owner, "token": self.token, "acquired_at": now, "expires_at": now + self.ttl}
+        return {"owner": self.owner, "token": self.token, "acquired_at": now, "expires_at": now + self.ttl,
+                "host": socket.gethostname(), "pid": os.getpid()}
 
     def _try_create(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,9 @@ class OutputLock:
             return None
         if info is None:
             return f"unreadable@{mtime}" if time.time() - mtime >= self.ttl else None
-        return info.token if info.expires_at <= time.time() else None
+        if info.expires_at <= time.time() or _dead_on_this_host(read_json(self.path)):
+            return info.token
+        return None
 
     def _take_over_if_stale(self) -> None:
         """Remove a dead holder's lock. A second O_EXCL file serialises the takeover, so a contender
@@ -220,6 +223,20 @@ class OutputLock:
             yield self
         finally:
             self.release()
+
+
+def _dead_on_this_host(data: dict[str, Any] | None) -> bool:
+    """A holder on this very host whose process is gone (killed -9 locally): no need to wait for expiry.
+    Pods have host names of their own, so this never judges another pod's lock."""
+    if not data or data.get("host") != socket.gethostname() or not isinstance(data.get("pid"), int):
+        return False
+    try:
+        os.kill(data["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def lock_path_for(output: Path) -> Path:
