@@ -78,7 +78,7 @@ def main() -> None:
     rows = [
         ("skip path (complete output)", f"{skip_median:.3f} s median, {max(skip):.3f} s max "
          f"({len(skip)} runs)", "< 0.5 s", skip_median < 0.5),
-        (f"entrypoint train ({args.steps} steps)", f"{median_ours:.2f} s median of {ours and len(ours)}",
+        (f"entrypoint train ({args.steps} steps)", f"{median_ours:.2f} s median of {len(ours)}",
          "", None),
         (f"llamafactory-cli train ({args.steps} steps)", f"{median_plain:.2f} s median of {len(plain)}",
          "", None),

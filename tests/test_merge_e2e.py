@@ -253,3 +253,15 @@ def test_vllm_lora_prints_how_to_serve_the_adapter(trained: Storage):
     assert f"tiny-lora={trained.output}" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"lora_name": "tiny-lora",
                                                                   "lora_path": str(trained.output)}
+
+
+def test_full_fine_tuning_output_is_published_as_is(storage: Storage):
+    env = storage.env(FINETUNING_TYPE="full", LEARNING_RATE="1e-3", **QUICK)
+    trained = run_entrypoint("train", env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = run_entrypoint("merge", env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    published = merged_path(storage).resolve()
+    assert (published / "model.safetensors").read_bytes() == (storage.output / "model.safetensors").read_bytes()
+    assert (published / "model.safetensors").read_bytes() != (storage.base / "model.safetensors").read_bytes()
+    assert "0 tensors merged" in result.stderr
