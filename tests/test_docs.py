@@ -309,7 +309,8 @@ Options:
 def plantuml() -> str:
     found = shutil.which("plantuml")
     if found is None:
-        pytest.fail("plantuml is not on PATH: run scripts/ensure-tools.sh (it installs Debian's plantuml)")
+        pytest.fail("plantuml not found on PATH: run `bash scripts/ensure-tools.sh` first (it installs Debian's "
+                    "plantuml)")
     return found
 
 
