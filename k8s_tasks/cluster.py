@@ -68,12 +68,15 @@ def kubeconfig(environ: Mapping[str, str] | None = None) -> tuple[str | None, di
 
 
 def kubeconfig_problem(root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
-    """Why kubectl could not talk to a cluster, found without contacting it; None when it looks fine."""
+    """Why kubectl could not talk to a cluster, found without contacting it; None when it looks fine.
+
+    A plan check: `root` (where the plan runs) does not matter here.
+    """
     context, user = kubeconfig(environ)
     if context is None:
         return NO_CONTEXT
     command = (user.get("exec") or {}).get("command")
-    if command and "/" not in command and find_tool(command, root, environ) is None:
+    if command and "/" not in command and find_tool(command, environ) is None:
         return f"kube context {context} logs in with {missing_tool_message(command)}"
     return None
 

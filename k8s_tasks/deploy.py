@@ -41,7 +41,7 @@ def deploy_image(env: str, *, tag: str | None = None, digest: str | None = None,
         raise Exit(f"prod deploys only committed builds, and {tag} has uncommitted changes: commit, "
                    "`invoke build push`, then deploy again")
     ref = ImageRef(repo, tag)
-    return ImageRef(repo, tag, resolve_digest(ref, root, environ))
+    return ImageRef(repo, tag, resolve_digest(ref, environ))
 
 
 def plan_deploy(env: str, component: str, image: ImageRef, *, mlflow_env: Path | None = None, wait: bool = True,
@@ -61,4 +61,4 @@ def plan_deploy(env: str, component: str, image: ImageRef, *, mlflow_env: Path |
                                    f"--timeout={ROLLOUT_TIMEOUT}")))
     title = (f"deploy overlays/{env} ({component}: {COMPONENTS[component]}) with image {image} "
              f"to kube context {current_context(environ)}")
-    return Plan(title, plan_steps, checks=[lambda: kubeconfig_problem(root, environ)], notes=notes)
+    return Plan(title, plan_steps, checks=[kubeconfig_problem], notes=notes)

@@ -21,6 +21,7 @@ from k8s_tasks.states import (
     STUCK_REASONS,
     age,
     describe_termination,
+    job_end,
     job_outcome,
     started,
     terminations,
@@ -114,7 +115,7 @@ def follow_job(
 
     kind, reason, message = outcome
     if kind == "Complete":
-        took = age(job.status.start_time, job.status.completion_time or job.status.start_time)
+        took = age(job.status.start_time, job_end(job) or job.status.start_time)
         print(f"Job {name} completed in {took}", file=out)
     else:
         print(f"Job {name} failed: {reason}: {message}".rstrip(": "), file=out)

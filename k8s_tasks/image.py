@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -111,7 +112,7 @@ class GitState:
 
 def git_state(root: Path = REPO, environ: Mapping[str, str] | None = None) -> GitState:
     """The commit and the image tag for it. Untracked files count as changes: `docker build` would copy them."""
-    git = require_tool("git", root, environ)
+    git = require_tool("git", environ)
 
     def git_output(*args: str) -> str:
         result = subprocess.run([git, "-C", str(root), *args], capture_output=True, text=True, check=False)
@@ -144,7 +145,7 @@ def build_plan(ref: ImageRef, revision: str) -> Plan:
     return Plan(f"build {ref}", [Command(argv)], notes=notes)
 
 
-def push_plan(ref: ImageRef, root: Path = REPO, environ: Mapping[str, str] | None = None) -> Plan:
+def push_plan(ref: ImageRef) -> Plan:
     """docker push, after checking that the image is built here and docker can log in to its registry."""
     host = ref.repository.split("/", 1)[0]
     steps = [
@@ -152,8 +153,7 @@ def push_plan(ref: ImageRef, root: Path = REPO, environ: Mapping[str, str] | Non
         # Prints the pushed digest (what overlays/prod pins): <repository>@sha256:...
         Command(("docker", "image", "inspect", "--format", '{{join .RepoDigests "\\n"}}', str(ref))),
     ]
-    checks = [lambda: docker_credentials_problem(host, root, environ),
-              lambda: image_missing_problem(ref, root, environ)]
+    checks = [functools.partial(docker_credentials_problem, host), functools.partial(image_missing_problem, ref)]
     return Plan(f"push {ref}", steps, checks)
 
 
@@ -172,20 +172,20 @@ def docker_credentials_problem(host: str, root: Path = REPO, environ: Mapping[st
     config = docker_config(environ)
     helper = (config.get("credHelpers") or {}).get(host)
     if helper:
-        if find_tool(f"docker-credential-{helper}", root, environ) is None:
+        if find_tool(f"docker-credential-{helper}", environ) is None:
             return (f"docker gets credentials for {host} from docker-credential-{helper}, which is not on PATH: "
                     + ("install the Google Cloud CLI and `gcloud auth login`" if helper == "gcloud"
                        else f"install docker-credential-{helper}"))
         if helper == "gcloud":
-            return gcloud_account_problem(root, environ)
+            return gcloud_account_problem(environ)
         return None
     if host in (config.get("auths") or {}) or config.get("credsStore"):
         return None
     return f"docker has no credentials for {host}: run `gcloud auth configure-docker {host}`"
 
 
-def gcloud_account_problem(root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
-    gcloud = find_tool("gcloud", root, environ)
+def gcloud_account_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    gcloud = find_tool("gcloud", environ)
     if gcloud is None:
         return "gcloud not found on PATH: install the Google Cloud CLI, then `gcloud auth login`"
     result = subprocess.run([gcloud, "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"],
@@ -196,17 +196,17 @@ def gcloud_account_problem(root: Path = REPO, environ: Mapping[str, str] | None 
 
 
 def image_missing_problem(ref: ImageRef, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
-    docker = find_tool("docker", root, environ) or "docker"
+    docker = find_tool("docker", environ) or "docker"
     result = subprocess.run([docker, "image", "inspect", "--format", "{{.Id}}", str(ref)],
-                            capture_output=True, text=True, check=False)
+                            capture_output=True, text=True, check=False, env=None if environ is None else dict(environ))
     if result.returncode != 0:
         return f"{ref} is not built on this machine: run `invoke build` first (same commit, same tag)"
     return None
 
 
-def resolve_digest(ref: ImageRef, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str:
+def resolve_digest(ref: ImageRef, environ: Mapping[str, str] | None = None) -> str:
     """The registry's digest for ref: what `deploy --env=prod` pins, so the running image cannot change."""
-    docker = find_tool("docker", root, environ)
+    docker = find_tool("docker", environ)
     if docker is None:
         raise Exit(f"prod pins the image by digest, and looking it up needs docker: {missing_tool_message('docker')}; "
                    "or pass --digest sha256:...")

@@ -90,12 +90,14 @@ def render(path: Path, kubectl: str) -> str:
 
 
 def parse(text: str) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    # libyaml's loader when PyYAML has it: renders are a few thousand lines, parsed several times per task.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return [doc for doc in yaml.load_all(text, Loader=loader) if doc]
 
 
 def render_overlay(env: str, image: ImageRef | None = None, root: Path = REPO) -> list[dict[str, Any]]:
     """The overlay's objects, rendered offline from a copy with example secrets; with `image` set if given."""
-    kubectl = require_tool("kubectl", root)
+    kubectl = require_tool("kubectl")
     with tempfile.TemporaryDirectory(prefix="llama-render-") as tmp:
         tree = copy_tree(Path(tmp), root)
         target = tree / "overlays" / env

@@ -49,8 +49,9 @@ class WriteFile:
 
 
 Step = Command | WriteFile
-# A check returns None when fine, else the message to stop with (what is wrong and what to do).
-Check = Callable[[], str | None]
+# A check, given the repository root and the environment, returns None when fine, else the message to stop
+# with (what is wrong and what to do).
+Check = Callable[[Path, Mapping[str, str] | None], str | None]
 
 
 @dataclasses.dataclass
@@ -67,12 +68,14 @@ class Plan:
     def tools(self) -> list[str]:
         return sorted({step.argv[0] for step in self.steps if isinstance(step, Command)})
 
-    def problems(self, root: Path = REPO, environ: Mapping[str, str] | None = None) -> list[str]:
+    def problems(self, root: Path = REPO, environ: Mapping[str, str] | None = None,
+                 tools_root: Path = REPO) -> list[str]:
         """What would stop the plan before its first step: missing tools, else the failed checks."""
-        missing = [missing_tool_message(tool) for tool in self.tools() if find_tool(tool, root, environ) is None]
+        missing = [missing_tool_message(tool) for tool in self.tools()
+                   if find_tool(tool, environ, tools_root) is None]
         if missing:  # the checks may need those tools themselves
             return missing
-        return [message for check in self.checks if (message := check()) is not None]
+        return [message for check in self.checks if (message := check(root, environ)) is not None]
 
     def describe(self, show_stdin: bool = False) -> str:
         lines = [self.title, *(f"note: {note}" for note in self.notes)]
@@ -106,13 +109,14 @@ def run_plan(
     out: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
     show_stdin: bool = True,
+    tools_root: Path = REPO,
 ) -> None:
     """Print the plan and stop (dry run), or check its requirements, then run its steps in order.
 
     Commands run in the repository root, so their relative paths hold wherever invoke was started.
     """
     out = out or sys.stdout
-    problems = plan.problems(root, environ)
+    problems = plan.problems(root, environ, tools_root)
     if dry_run:
         print(plan.describe(show_stdin=show_stdin), file=out)
         for problem in problems:
@@ -121,7 +125,7 @@ def run_plan(
         return
     if problems:
         raise Exit("\n".join(problems))
-    tools = {tool: find_tool(tool, root, environ) or tool for tool in plan.tools()}
+    tools = {tool: find_tool(tool, environ, tools_root) or tool for tool in plan.tools()}
     print(plan.title, file=out, flush=True)
     for step in plan.steps:
         print(f"$ {step.display()}", file=out, flush=True)

@@ -80,14 +80,26 @@ def job_outcome(job: Any) -> tuple[str, str, str] | None:
     return None
 
 
+def job_end(job: Any) -> datetime | None:
+    """When the Job finished: its completion time, or when it was marked Failed (failed Jobs have none)."""
+    if job.status.completion_time is not None:
+        return job.status.completion_time
+    for condition in job.status.conditions or []:
+        if condition.type == "Failed" and condition.status == "True":
+            return condition.last_transition_time
+    return None
+
+
 def job_component(job: Any) -> str:
     return (job.metadata.labels or {}).get("app.kubernetes.io/component", "")
 
 
 def describe_termination(t: Termination) -> str:
     text = f"exit {t.exit_code} ({exit_meaning(t.exit_code)})"
-    if t.message:
-        text += f": {t.message}"
+    # The entrypoint's termination log starts with the code itself ("exit 78: ..."): say it once.
+    message = t.message.removeprefix(f"exit {t.exit_code}: ")
+    if message:
+        text += f": {message}"
     elif t.reason and t.reason not in ("Error", "Completed"):
         text += f": {t.reason}"
     return text

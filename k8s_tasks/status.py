@@ -16,6 +16,7 @@ from k8s_tasks.states import (
     age,
     describe_termination,
     job_component,
+    job_end,
     job_outcome,
     terminations,
     waiting,
@@ -121,7 +122,7 @@ def _duration(job: Any, now: datetime) -> str:
     start = job.status.start_time
     if start is None:
         return "-"
-    return age(start, job.status.completion_time or now)
+    return age(start, job_end(job) or now)
 
 
 def render_status(cluster: Cluster, now: datetime, env_hint: str = "<dev|gpu|prod>") -> str:

@@ -32,15 +32,16 @@ FALLBACKS = {
 }
 
 
-def find_tool(name: str, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
-    """Path of a tool: from PATH, else from where scripts/ensure-tools.sh puts it; None when missing."""
+def find_tool(name: str, environ: Mapping[str, str] | None = None, tools_root: Path = REPO) -> str | None:
+    """Path of a tool: from PATH, else from where scripts/ensure-tools.sh put it in this checkout; None when
+    missing."""
     environ = os.environ if environ is None else environ
     found = shutil.which(name, path=environ.get("PATH", ""))
     if found:
         return found
     fallback = FALLBACKS.get(name)
     if fallback is not None:
-        candidate = root / fallback
+        candidate = tools_root / fallback
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
@@ -50,9 +51,9 @@ def missing_tool_message(name: str) -> str:
     return f"{name} not found on PATH: {REMEDIES.get(name, f'install {name}')}"
 
 
-def require_tool(name: str, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str:
+def require_tool(name: str, environ: Mapping[str, str] | None = None, tools_root: Path = REPO) -> str:
     """Path of a tool the task cannot do without; a clear Exit when it is missing."""
-    found = find_tool(name, root, environ)
+    found = find_tool(name, environ, tools_root)
     if found is None:
         raise Exit(missing_tool_message(name))
     return found

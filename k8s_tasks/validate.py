@@ -44,8 +44,9 @@ def _images(docs: list[dict]) -> set[str]:
 
 
 def validate(out: TextIO, root: Path = REPO) -> None:
-    kubectl = require_tool("kubectl", root)
-    checkov = require_tool("checkov", root)
+    """Check the tree under root (this checkout by default) with the tools this checkout has."""
+    kubectl = require_tool("kubectl")
+    checkov = require_tool("checkov")
     if importlib.util.find_spec("kubernetes_validate") is None:
         raise Exit("kubernetes-validate is not installed: `pip install -e '.[dev]'` (or `./dev.sh setup`)")
     with tempfile.TemporaryDirectory(prefix="llama-validate-") as tmp:

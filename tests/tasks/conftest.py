@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,19 @@ def environ(tmp_path: Path) -> dict[str, str]:
     (docker / "config.json").write_text('{"auths": {"eu.gcr.io": {}}}')
     return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PROJECT_ID": PROJECT,
             "KUBECONFIG": str(kubeconfig), "DOCKER_CONFIG": str(docker)}
+
+
+@pytest.fixture
+def path_without(tmp_path: Path) -> Callable[..., str]:
+    """A PATH on which the named tools are missing and the others the tasks call are found."""
+
+    def make(*hidden: str) -> str:
+        folder = tmp_path / f"path-without-{'-'.join(hidden)}"
+        folder.mkdir(exist_ok=True)
+        for name in ("git", "kubectl", "docker", "gcloud"):
+            found = shutil.which(name)
+            if found and name not in hidden and not (folder / name).exists():
+                (folder / name).symlink_to(found)
+        return str(folder)
+
+    return make

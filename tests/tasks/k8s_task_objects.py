@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +19,44 @@ DEPLOYED = {
 }
 # Kinds the fake cluster answers for; deploy never applies Jobs.
 DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment")
+# Renders of identical trees (every test gets its own copy) are made once.
+_RENDERS: dict[tuple[str, ImageRef, str], list[dict[str, Any]]] = {}
 
 
 def deployed(env: str, root: Path, image: ImageRef | None = None, created: str = "2026-01-01T10:00:00Z",
              ) -> list[dict[str, Any]]:
-    """The objects `invoke deploy --env=<env>` applies (the real render), as the API server returns them."""
-    docs = render_overlay(env, image or DEPLOYED[env], root)
+    """The objects `invoke deploy --env=<env>` applies (the real render of root's overlay), as the API server
+    returns them."""
     out = []
-    for doc in docs:
+    image = image or DEPLOYED[env]
+    key = (env, image, _fingerprint(root))
+    if key not in _RENDERS:
+        _RENDERS[key] = render_overlay(env, image, root)
+    for doc in copy.deepcopy(_RENDERS[key]):
         if doc["kind"] in DEPLOYED_KINDS:
             doc["metadata"]["creationTimestamp"] = created
             out.append(doc)
     return out
 
 
+def _fingerprint(root: Path) -> str:
+    """The kustomize tree's content: renders of identical trees (each test's copy) are reused."""
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("base", "components", "overlays") for p in (root / d).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+
 def job(name: str, component: str = "train", *, complete: bool = False, failed: str | None = None,
         message: str = "", created: str = "2026-01-02T03:00:00Z", start: str | None = "2026-01-02T03:00:05Z",
-        end: str | None = None, retries: int = 0) -> dict[str, Any]:
+        end: str | None = None, retries: int = 0, failed_at: str | None = None) -> dict[str, Any]:
     conditions = []
     if complete:
         conditions.append({"type": "Complete", "status": "True", "reason": "", "message": ""})
     if failed:
-        conditions.append({"type": "Failed", "status": "True", "reason": failed, "message": message})
+        conditions.append({"type": "Failed", "status": "True", "reason": failed, "message": message,
+                           "lastTransitionTime": failed_at})
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": "llm-training", "creationTimestamp": created,
