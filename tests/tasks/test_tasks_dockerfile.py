@@ -100,6 +100,8 @@ def test_the_image_runs_as_the_pods_user_offline_and_never_trains_by_accident() 
                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         assert env[key] == pod_env[key], key
     assert env["PYTHONUNBUFFERED"] == "1"
+    # Where GKE mounts the node's driver: torch finds libcuda only through it.
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == "/usr/local/nvidia/lib64"
     assert ("ENTRYPOINT", '["python", "-m", "entrypoint"]') in steps
     assert steps[-1] == ("CMD", '["--help"]')
     assert ("HEALTHCHECK", "NONE") in steps
