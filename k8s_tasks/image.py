@@ -105,10 +105,6 @@ class GitState:
     revision: str  # the full commit id
     tag: str  # <shortsha>, or <shortsha>-dirty when the work tree differs from the commit
 
-    @property
-    def dirty(self) -> bool:
-        return self.tag.endswith("-dirty")
-
 
 def git_state(root: Path = REPO, environ: Mapping[str, str] | None = None) -> GitState:
     """The commit and the image tag for it. Untracked files count as changes: `docker build` would copy them."""
@@ -187,7 +183,7 @@ def docker_credentials_problem(host: str, root: Path = REPO, environ: Mapping[st
 def gcloud_account_problem(environ: Mapping[str, str] | None = None) -> str | None:
     gcloud = find_tool("gcloud", environ)
     if gcloud is None:
-        return "gcloud not found on PATH: install the Google Cloud CLI, then `gcloud auth login`"
+        return missing_tool_message("gcloud")
     result = subprocess.run([gcloud, "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"],
                             capture_output=True, text=True, check=False, env=None if environ is None else dict(environ))
     if result.returncode != 0 or not result.stdout.strip():

@@ -31,7 +31,6 @@ from k8s_tasks.overlays import NAMESPACE, one, render_overlay
 from k8s_tasks.plan import Command, Plan
 from k8s_tasks.tools import REPO
 
-COMPONENTS = ("train", "merge")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Set by the API server or the Job controller on a live Job: a copy must not carry them.
 _SERVER_METADATA = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink",

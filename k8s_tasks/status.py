@@ -125,7 +125,7 @@ def _duration(job: Any, now: datetime) -> str:
     return age(start, job_end(job) or now)
 
 
-def render_status(cluster: Cluster, now: datetime, env_hint: str = "<dev|gpu|prod>") -> str:
+def render_status(cluster: Cluster, now: datetime) -> str:
     """The status report as text: what `invoke status` prints."""
     jobs = sorted(cluster.jobs(SELECTOR), key=lambda j: j.metadata.creation_timestamp or now, reverse=True)
     pods = sorted(cluster.pods(SELECTOR), key=lambda p: p.metadata.creation_timestamp or now, reverse=True)
@@ -164,7 +164,7 @@ def render_status(cluster: Cluster, now: datetime, env_hint: str = "<dev|gpu|pro
     lines += ["", "WEBUI"]
     deployment = cluster.deployment(WEBUI)
     if deployment is None:
-        lines.append(f"  not deployed: `invoke deploy --env={env_hint} --component webui`")
+        lines.append("  not deployed: `invoke deploy --env=<dev|gpu|prod> --component webui`")
     else:
         ready = deployment.status.ready_replicas or 0
         wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1
