@@ -206,9 +206,13 @@ def resolve_digest(ref: ImageRef, environ: Mapping[str, str] | None = None) -> s
     if docker is None:
         raise Exit(f"prod pins the image by digest, and looking it up needs docker: {missing_tool_message('docker')}; "
                    "or pass --digest sha256:...")
+    env = None if environ is None else dict(environ)
+    if subprocess.run([docker, "buildx", "version"], capture_output=True, check=False, env=env).returncode != 0:
+        raise Exit("prod pins the image by digest, and looking it up needs docker's buildx plugin "
+                   "(`docker buildx version` fails): install it, or pass --digest sha256:...")
     result = subprocess.run(
         [docker, "buildx", "imagetools", "inspect", str(ref), "--format", "{{json .Manifest}}"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=env,
     )
     if result.returncode != 0:
         raise Exit(f"cannot find {ref} in its registry ({result.stderr.strip() or 'no answer'}): "

@@ -127,3 +127,35 @@ def test_push_without_registry_credentials_says_how_to_get_them(tmp_path: Path) 
     assert "gcloud auth login" in problem
     environ = _docker_config(tmp_path, '{"auths": {"eu.gcr.io": {}}}')
     assert docker_credentials_problem("eu.gcr.io", tmp_path, environ) is None
+
+
+def _fake_docker(folder: Path, buildx: bool) -> dict[str, str]:
+    """A FAKE docker CLI (no Docker here) answering the two calls the digest lookup makes, as docker does."""
+    folder.mkdir()
+    script = folder / "docker"
+    answers = (
+        'if [ "$1 $2" = "buildx version" ]; then echo "github.com/docker/buildx v0.21.0"; exit 0; fi\n'
+        'if [ "$1 $2 $3" = "buildx imagetools inspect" ] && [ "$4" = "'
+        'eu.gcr.io/my-project/llama-factory-train:0123456789ab" ]; then\n'
+        f'  echo \'{{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": "sha256:{"d" * 64}", '
+        '"size": 856}\'; exit 0; fi\n'
+    ) if buildx else ""
+    script.write_text(f"#!/bin/sh\n{answers}echo 'docker: unknown command: docker $1' >&2; exit 1\n")
+    script.chmod(0o755)
+    return {"PATH": str(folder), "PROJECT_ID": "my-project"}
+
+
+def test_prod_pins_the_digest_the_registry_reports(tmp_path: Path) -> None:
+    environ = _fake_docker(tmp_path / "bin", buildx=True)
+    image = deploy_image("prod", tag="0123456789ab", root=tmp_path, environ=environ)
+    assert image == ImageRef("eu.gcr.io/my-project/llama-factory-train", "0123456789ab", "sha256:" + "d" * 64)
+    assert str(image) == "eu.gcr.io/my-project/llama-factory-train@sha256:" + "d" * 64
+    with pytest.raises(Exit, match=r"cannot find eu.gcr.io/my-project/llama-factory-train:ffffffffffff in its "
+                                   r"registry .*push it first"):
+        deploy_image("prod", tag="ffffffffffff", root=tmp_path, environ=environ)
+
+
+def test_prod_digest_lookup_without_buildx_says_so(tmp_path: Path) -> None:
+    environ = _fake_docker(tmp_path / "bin", buildx=False)
+    with pytest.raises(Exit, match=r"needs docker's buildx plugin .* or pass --digest"):
+        deploy_image("prod", tag="0123456789ab", root=tmp_path, environ=environ)
