@@ -65,6 +65,7 @@ def follow_job(
     *,
     poll: float = 2.0,
     stuck_after: float = 300.0,
+    heartbeat: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     experiment: Callable[[str, str], str | None] = experiment_of_run,
@@ -73,7 +74,7 @@ def follow_job(
     seen: set[str] = set()
     run: tuple[str, str] | None = None
     last_wait: tuple[str, str] | None = None
-    started_at = wait_since = clock()
+    started_at = wait_since = printed_at = clock()
     while True:
         job = cluster.job(name)
         if job is None:
@@ -100,13 +101,20 @@ def follow_job(
         if outcome is not None:
             break
         pending = fresh[-1] if fresh else None
-        state = waiting(pending) if pending is not None else ("NoPod", "the Job controller has not created a pod yet")
-        if state is not None and state != last_wait:
+        if pending is not None:
+            state = waiting(pending)
+        elif job.spec.suspend:
+            state = ("Suspended", "the Job waits to be admitted (a queue such as Kueue holds it)")
+        else:
+            state = ("NoPod", "the Job controller has not created a pod yet")
+        # Print a wait when it changes, and again every `heartbeat` seconds so a long wait shows it is alive.
+        if state is not None and (state != last_wait or clock() - printed_at >= heartbeat):
             reason, detail = state
             print(f"... {reason}{': ' + detail if detail else ''} ({int(clock() - started_at)}s)", file=out,
                   flush=True)
-            last_wait = state
-            wait_since = clock()
+            if state != last_wait:
+                wait_since = clock()
+            last_wait, printed_at = state, clock()
         if pending is not None and state is not None and state[0] in STUCK_REASONS \
                 and clock() - wait_since > stuck_after:
             raise Exit(f"pod {pending.metadata.name} cannot start ({state[0]}: {state[1]}); the Job is still there: "

@@ -144,3 +144,14 @@ def test_experiment_lookup_asks_the_rest_api(mlflow_uri: str) -> None:
     assert experiment_of_run(mlflow_uri, RUN_ID) == "7"
     assert experiment_of_run(mlflow_uri, "unknown") is None
     assert experiment_of_run("http://***@mlflow.example.com", RUN_ID) is None  # redacted: not askable
+
+
+def test_a_long_wait_keeps_reporting_and_a_queued_job_says_so() -> None:
+    queued = job(NAME)
+    queued["spec"]["suspend"] = True
+    cluster = FakeCluster(*([[queued]] * 40), [job(NAME, complete=True)])
+    done, text = follow(cluster, heartbeat=30)
+    assert done
+    waits = [line for line in text.splitlines() if line.startswith("... Suspended")]
+    assert waits[0] == "... Suspended: the Job waits to be admitted (a queue such as Kueue holds it) (0s)"
+    assert [w.rsplit("(", 1)[1] for w in waits] == ["0s)", "30s)", "60s)"]
