@@ -5,23 +5,42 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from k8s_fake_cluster import FakeCluster
+from k8s_task_objects import deployed
 
-from k8s_tasks.overlays import copy_tree
+from k8s_tasks.jobs import plan_start
+from k8s_tasks.overlays import ENVS, copy_tree
+from k8s_tasks.plan import Plan
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "my-project"
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # when the tests' Jobs are started
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """A repository root with base/, components/, overlays/ (mlflow.env from the examples) and docker/."""
+    """A repository root with base/, components/, overlays/ (mlflow.env from the examples), benchmarks/."""
     root = copy_tree(tmp_path / "repo", REPO)
     (root / "benchmarks").mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def started(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Plan, str, FakeCluster]]:
+    """(plan, Job name, cluster) of `invoke train` and `invoke merge` for every overlay, after a deploy."""
+    root = copy_tree(tmp_path_factory.mktemp("started") / "repo", REPO)
+    found = {}
+    for env in ENVS:
+        cluster = FakeCluster(deployed(env, root))
+        for component in ("train", "merge"):
+            plan, name = plan_start(env, component, cluster, now=NOW, root=root)
+            found[env, component] = plan, name, cluster
+    return found
 
 
 @pytest.fixture

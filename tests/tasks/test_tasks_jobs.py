@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -121,3 +123,14 @@ def test_an_existing_job_name_is_refused(tree: Path) -> None:
     cluster = FakeCluster(deployed("dev", tree) + [job("llama-train-20260102-030405")])
     with pytest.raises(Exit, match="already exists"):
         plan_start("dev", "train", cluster, now=NOW, root=tree)
+
+
+def test_the_created_jobs_are_valid_kubernetes(started: dict, tmp_path: Path) -> None:
+    files = []
+    for (env, _), (plan, name, _) in started.items():
+        path = tmp_path / f"{env}-{name}.yaml"
+        path.write_text(plan.steps[0].stdin)
+        files.append(str(path))
+    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.31",
+                             *files], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -109,10 +109,9 @@ def test_a_dirty_build_says_prod_refuses_it() -> None:
 @pytest.mark.parametrize("env", ENVS)
 @pytest.mark.parametrize("component", ["train", "merge"])
 def test_train_and_merge_create_a_uniquely_named_copy_of_the_deployed_template(
-    env: str, component: str, tree: Path
+    env: str, component: str, started: dict
 ) -> None:
-    cluster = FakeCluster(deployed(env, tree))
-    plan, name = plan_start(env, component, cluster, now=NOW, root=tree)
+    plan, name, cluster = started[env, component]
     assert name == f"llama-{component}-20260102-030405"
     assert plan.commands() == [["kubectl", "create", "-f", "-"]]
     created = yaml.safe_load(plan.steps[0].stdin)
