@@ -88,7 +88,7 @@ def logs(c: Context, job: str | None = None, component: str = "train", follow: b
 
 @task(help={
     "target": "webui (LLaMA Board, localhost:7860) or mlflow (localhost:5000)",
-    "env": "for mlflow: the overlay whose mlflow.env names the server",
+    "env": "for mlflow: the overlay whose mlflow.env names the server (default: the only one there is)",
     "port": "local port (default: 7860 for webui, 5000 for mlflow)",
     "dry-run": DRY_RUN_HELP,
 })

@@ -9,8 +9,8 @@ from invoke.exceptions import Exit
 
 from entrypoint.tracking import redact_uri
 from k8s_tasks.cluster import kubeconfig_problem
-from k8s_tasks.mlflow_env import tracking_uri
-from k8s_tasks.overlays import NAMESPACE
+from k8s_tasks.mlflow_env import env_file, tracking_uri
+from k8s_tasks.overlays import ENVS, NAMESPACE
 from k8s_tasks.plan import Command, Plan
 from k8s_tasks.status import WEBUI
 from k8s_tasks.tools import REPO
@@ -39,7 +39,12 @@ def plan_ui(target: str, env: str | None = None, port: int | None = None, root: 
         argv = ("kubectl", "port-forward", "-n", NAMESPACE, f"svc/{WEBUI}", f"{local}:{WEBUI_PORT}")
         return Plan(f"LLaMA Board at http://localhost:{local} (Ctrl-C stops)", [Command(argv)], checks)
     if env is None:
-        raise Exit("ui mlflow needs --env: the MLflow server is the one in overlays/<env>/mlflow.env")
+        # The server is the one overlays/<env>/mlflow.env names: with one such file there is nothing to choose.
+        present = [e for e in ENVS if (root / env_file(e)).is_file()]
+        if len(present) != 1:
+            raise Exit("ui mlflow needs --env: the server is the one in overlays/<env>/mlflow.env "
+                       f"({'found for ' + ', '.join(present) if present else 'none exists yet'})")
+        env = present[0]
     uri = tracking_uri(env, root)
     service = in_cluster_service(uri)
     if service is None:

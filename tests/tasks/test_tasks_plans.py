@@ -172,6 +172,15 @@ def test_ui_port_forwards(env: str, tree: Path) -> None:
         assert mlflow.commands() == [["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
 
 
+def test_ui_mlflow_finds_the_only_env_file(tree: Path) -> None:
+    with pytest.raises(Exit, match=r"ui mlflow needs --env: .*\(found for dev, gpu, prod\)"):
+        plan_ui("mlflow", root=tree)
+    (tree / "overlays/prod/mlflow.env").unlink()
+    (tree / "overlays/gpu/mlflow.env").unlink()
+    assert plan_ui("mlflow", root=tree).commands() == [
+        ["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
+
+
 def test_local_tasks_go_through_dev_sh(tree: Path) -> None:
     assert plan_test("-k deploy -x").commands() == [["./dev.sh", "test", "-k", "deploy", "-x"]]
     assert plan_demo().commands() == [["./dev.sh", "demo"]]
