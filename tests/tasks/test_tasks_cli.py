@@ -51,7 +51,7 @@ def test_task_help_explains_every_option(task: str) -> None:
 
 def test_build_without_docker_stops_with_what_to_install(path_without: Callable[..., str]) -> None:
     env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
-    result = invoke("build", env=env)
+    result = invoke("build", "--tag=0123456789ab", env=env)
     assert result.returncode == 1
     assert "docker not found on PATH: install Docker" in result.stderr
     assert "$ docker" not in result.stdout  # nothing ran
@@ -59,10 +59,10 @@ def test_build_without_docker_stops_with_what_to_install(path_without: Callable[
 
 def test_build_dry_run_works_without_docker_and_names_what_is_missing(path_without: Callable[..., str]) -> None:
     env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
-    result = invoke("build", "--dry-run", env=env)
+    result = invoke("build", "--tag=0123456789ab", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert "$ docker build --platform linux/amd64 --file docker/Dockerfile --tag " \
-           "eu.gcr.io/my-project/llama-factory-train:" in result.stdout
+           "eu.gcr.io/my-project/llama-factory-train:0123456789ab" in result.stdout
     assert "a real run would stop before its first step: docker not found on PATH" in result.stdout
 
 
