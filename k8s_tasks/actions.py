@@ -1,0 +1,125 @@
+"""One function per task of tasks.py: gather the inputs, plan, then print the plan (--dry-run) or run it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from invoke.exceptions import Exit
+
+from k8s_tasks import cleanup as cleanup_plans
+from k8s_tasks import local
+from k8s_tasks import logs as pod_logs
+from k8s_tasks import ui as port_forward
+from k8s_tasks.cluster import KubeCluster
+from k8s_tasks.deploy import deploy_image, plan_deploy
+from k8s_tasks.follow import follow_job
+from k8s_tasks.image import ImageRef, build_plan, git_state, push_plan, repository, validate_tag
+from k8s_tasks.jobs import plan_start
+from k8s_tasks.overlays import check_env
+from k8s_tasks.plan import run_plan
+from k8s_tasks.status import render_status
+from k8s_tasks.tools import require_tool
+from k8s_tasks.validate import validate as validate_overlays
+
+
+def help_if_asked(task: str, positional: str) -> None:
+    """Show the task's help when `--help` arrived as its positional argument.
+
+    Invoke's parser gives a missing positional argument the next token, even `--help` (`invoke ui --help`
+    would run `ui` with target "--help"); this shows the help `invoke --help ui` shows, and exits.
+    """
+    if positional in ("-h", "--help"):
+        from invoke import Collection, Program
+
+        # A fresh copy of tasks.py: building a parser consumes the tasks' help texts (Task.arg_opts pops them).
+        spec = importlib.util.spec_from_file_location("tasks_help", sys.modules["tasks"].__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        Program(namespace=Collection.from_module(module), binary="invoke").run(["invoke", "--help", task])
+
+
+def _image(tag: str | None) -> tuple[ImageRef, str]:
+    """The image to build or push, and the commit it comes from."""
+    repo = repository()
+    state = git_state()
+    return ImageRef(repo, validate_tag(tag) if tag else state.tag), state.revision
+
+
+def build(tag: str | None, dry_run: bool) -> None:
+    ref, revision = _image(tag)
+    run_plan(build_plan(ref, revision), dry_run=dry_run)
+
+
+def push(tag: str | None, dry_run: bool) -> None:
+    ref, _ = _image(tag)
+    run_plan(push_plan(ref), dry_run=dry_run)
+
+
+def deploy(env: str | None, component: str, tag: str | None, digest: str | None, mlflow_env: str | None,
+           wait: bool, dry_run: bool) -> None:
+    env = check_env(env)
+    image = deploy_image(env, tag=tag, digest=digest)
+    plan = plan_deploy(env, component, image, mlflow_env=Path(mlflow_env) if mlflow_env else None, wait=wait)
+    run_plan(plan, dry_run=dry_run)
+
+
+def start(component: str, env: str | None, name: str | None, tag: str | None, follow: bool, dry_run: bool) -> None:
+    env = check_env(env)
+    require_tool("kubectl")
+    cluster = KubeCluster()
+    plan, job = plan_start(env, component, cluster, now=datetime.now(UTC), name=name, tag=tag)
+    run_plan(plan, dry_run=dry_run, show_stdin=dry_run)
+    if dry_run:
+        return
+    if not follow:
+        print(f"started Job {job}: `invoke logs --job={job} --follow`, `invoke status`")
+        return
+    try:
+        completed = follow_job(cluster, job, env, sys.stdout)
+    except KeyboardInterrupt:
+        raise Exit(f"stopped following; Job {job} keeps running (`invoke status`, "
+                   f"`invoke logs --job={job} --follow`)", code=130) from None
+    if not completed:
+        raise Exit(f"Job {job} failed", code=1)
+
+
+def status() -> None:
+    print(render_status(KubeCluster(), datetime.now(UTC)))
+
+
+def logs(job: str | None, component: str, follow: bool, tail: int) -> None:
+    cluster = KubeCluster()
+    pod = pod_logs.pick_pod(cluster, job, component)
+    try:
+        pod_logs.print_logs(cluster, pod, sys.stdout, follow, tail or None)
+    except KeyboardInterrupt:
+        raise Exit("", code=130) from None
+
+
+def ui(target: str, env: str | None, port: int, dry_run: bool) -> None:
+    help_if_asked("ui", target)
+    run_plan(port_forward.plan_ui(target, check_env(env) if env else None, port or None), dry_run=dry_run)
+
+
+def cleanup(target: str, everything: bool, dry_run: bool) -> None:
+    help_if_asked("cleanup", target)
+    run_plan(cleanup_plans.plan_cleanup(target, KubeCluster(), everything), dry_run=dry_run)
+
+
+def validate() -> None:
+    validate_overlays(sys.stdout)
+
+
+def test(pytest_args: str, dry_run: bool) -> None:
+    run_plan(local.plan_test(pytest_args), dry_run=dry_run)
+
+
+def demo(storage: str | None, dry_run: bool) -> None:
+    run_plan(local.plan_demo(storage), dry_run=dry_run)
+
+
+def bench(dry_run: bool) -> None:
+    run_plan(local.plan_bench(), dry_run=dry_run)

@@ -1,0 +1,171 @@
+"""Reading the cluster through the kubernetes Python client: structured objects for status, waiting and logs.
+
+`Cluster` is the small surface the tasks use; `KubeCluster` implements it against the API server of the
+current kubeconfig context (the same one kubectl uses). The tests use a fake of this surface: no API server
+runs there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from invoke.exceptions import Exit
+
+from k8s_tasks.overlays import NAMESPACE
+from k8s_tasks.tools import REPO, find_tool, missing_tool_message
+
+NO_CONTEXT = ("no Kubernetes context: connect kubectl to your cluster first "
+              "(GKE: `gcloud container clusters get-credentials CLUSTER --region REGION --project $PROJECT_ID`)")
+
+
+class Cluster(Protocol):
+    """The reads the tasks need; objects are the kubernetes client's models (V1Job, V1Pod, ...)."""
+
+    namespace: str
+    context: str
+
+    def jobs(self, selector: str = "") -> list[Any]: ...
+    def job(self, name: str) -> Any | None: ...
+    def pods(self, selector: str = "") -> list[Any]: ...
+    def deployment(self, name: str) -> Any | None: ...
+    def config_maps(self, selector: str = "") -> list[Any]: ...
+    def config_map(self, name: str) -> Any | None: ...
+    def exists(self, kind: str, name: str) -> bool: ...
+    def pod_log(self, name: str, container: str, *, follow: bool = False,
+                tail_lines: int | None = None) -> Iterator[str]: ...
+    def exec(self, pod: str, container: str, argv: list[str]) -> str: ...
+
+
+def _kubeconfig_paths(environ: Mapping[str, str]) -> list[Path]:
+    if environ.get("KUBECONFIG"):
+        return [Path(p) for p in environ["KUBECONFIG"].split(os.pathsep) if p]
+    return [Path(environ.get("HOME", str(Path.home()))) / ".kube" / "config"]
+
+
+def kubeconfig(environ: Mapping[str, str] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """(current context, its user entry) from the kubeconfig files, merged as kubectl does (first one wins)."""
+    environ = os.environ if environ is None else environ
+    current: str | None = None
+    contexts: dict[str, Any] = {}
+    users: dict[str, Any] = {}
+    for path in _kubeconfig_paths(environ):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        current = current or data.get("current-context") or None
+        for entry in data.get("contexts") or []:
+            contexts.setdefault(entry.get("name"), entry.get("context") or {})
+        for entry in data.get("users") or []:
+            users.setdefault(entry.get("name"), entry.get("user") or {})
+    if current is None or current not in contexts:
+        return None, {}
+    return current, users.get(contexts[current].get("user"), {})
+
+
+def kubeconfig_problem(root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why kubectl could not talk to a cluster, found without contacting it; None when it looks fine.
+
+    A plan check: `root` (where the plan runs) does not matter here.
+    """
+    context, user = kubeconfig(environ)
+    if context is None:
+        return NO_CONTEXT
+    command = (user.get("exec") or {}).get("command")
+    if command and "/" not in command and find_tool(command, environ) is None:
+        return f"kube context {context} logs in with {missing_tool_message(command)}"
+    return None
+
+
+def current_context(environ: Mapping[str, str] | None = None) -> str:
+    return kubeconfig(environ)[0] or "(none)"
+
+
+class KubeCluster:
+    """Cluster reads through the kubernetes client, in one namespace of the current kubeconfig context."""
+
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        from kubernetes import client, config
+
+        problem = kubeconfig_problem()
+        if problem:
+            raise Exit(problem)
+        try:
+            api = config.new_client_from_config()
+        except (config.ConfigException, OSError, TypeError, ValueError) as exc:
+            raise Exit(f"cannot load the kubeconfig: {exc}") from None
+        self.namespace = namespace
+        self.context = current_context()
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.apps = client.AppsV1Api(api)
+
+    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return method(*args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status in (401, 403):
+                raise Exit(f"the cluster of kube context {self.context} refused access ({exc.status} {exc.reason}): "
+                           "log in again (`gcloud auth login`) or ask for access to namespace "
+                           f"{self.namespace}") from None
+            raise Exit(f"the Kubernetes API answered {exc.status} {exc.reason}: {exc.body}") from None
+        except HTTPError as exc:
+            raise Exit(f"cannot reach the cluster of kube context {self.context}: {exc}") from None
+
+    def jobs(self, selector: str = "") -> list[Any]:
+        return self._call(self.batch.list_namespaced_job, self.namespace, label_selector=selector).items
+
+    def job(self, name: str) -> Any | None:
+        return self._call(self.batch.read_namespaced_job, name, self.namespace)
+
+    def pods(self, selector: str = "") -> list[Any]:
+        return self._call(self.core.list_namespaced_pod, self.namespace, label_selector=selector).items
+
+    def deployment(self, name: str) -> Any | None:
+        return self._call(self.apps.read_namespaced_deployment, name, self.namespace)
+
+    def config_maps(self, selector: str = "") -> list[Any]:
+        return self._call(self.core.list_namespaced_config_map, self.namespace, label_selector=selector).items
+
+    def config_map(self, name: str) -> Any | None:
+        return self._call(self.core.read_namespaced_config_map, name, self.namespace)
+
+    def exists(self, kind: str, name: str) -> bool:
+        read = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Secret": self.core.read_namespaced_secret,
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+        }[kind]
+        # Metadata only would do; the client has no such call, and none of these objects is large.
+        return self._call(read, name, self.namespace) is not None
+
+    def pod_log(self, name: str, container: str, *, follow: bool = False,
+                tail_lines: int | None = None) -> Iterator[str]:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        kwargs: dict[str, Any] = {"container": container, "follow": follow, "_preload_content": False}
+        if tail_lines is not None:
+            kwargs["tail_lines"] = tail_lines
+        response = self._call(self.core.read_namespaced_pod_log, name, self.namespace, **kwargs)
+        if response is None:
+            return
+        try:
+            yield from iter_resp_lines(response)
+        finally:
+            response.release_conn()
+
+    def exec(self, pod: str, container: str, argv: list[str]) -> str:
+        from kubernetes.stream import stream
+
+        return self._call(stream, self.core.connect_get_namespaced_pod_exec, pod, self.namespace,
+                          container=container, command=argv, stderr=True, stdin=False, stdout=True, tty=False)

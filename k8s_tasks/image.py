@@ -1,0 +1,224 @@
+"""The image: its registry (from PROJECT_ID, REGION, REPOSITORY), its tag (from git), build and push plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from invoke.exceptions import Exit
+
+from k8s_tasks.plan import Command, Plan
+from k8s_tasks.tools import REPO, find_tool, missing_tool_message, require_tool
+
+IMAGE_NAME = "llama-factory-train"
+# The image name in base/ and in every overlay's `images:` entry; deploy replaces it with the real one.
+PLACEHOLDER = f"eu.gcr.io/PROJECT_ID/{IMAGE_NAME}"
+DOCKERFILE = "docker/Dockerfile"
+# GKE GPU nodes are x86-64; without it a build on an arm64 laptop would give an image the nodes cannot run.
+PLATFORM = "linux/amd64"
+
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# GCP project ids (6-30 characters), optionally domain-scoped ("example.com:my-project").
+_PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_REGION = re.compile(r"[a-z]+-[a-z]+\d+")
+_AR_REPOSITORY = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+
+PROJECT_ID_UNSET = (
+    "PROJECT_ID is not set: `export PROJECT_ID=<your GCP project>` (the image is "
+    f"eu.gcr.io/$PROJECT_ID/{IMAGE_NAME}; set REGION and REPOSITORY too for Artifact Registry: "
+    f"<REGION>-docker.pkg.dev/$PROJECT_ID/<REPOSITORY>/{IMAGE_NAME})"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """An image reference: repository plus a tag or a digest (a digest wins when both are known)."""
+
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.tag}"
+
+    @classmethod
+    def parse(cls, text: str) -> ImageRef:
+        if "@" in text:
+            repository, digest = text.split("@", 1)
+            return cls(repository, digest=digest)
+        # A ':' after the last '/' starts the tag (one before it belongs to a registry port).
+        slash = text.rfind("/")
+        colon = text.rfind(":")
+        if colon > slash:
+            return cls(text[:colon], tag=text[colon + 1 :])
+        return cls(text)
+
+
+def repository(environ: Mapping[str, str] | None = None) -> str:
+    """Where the image lives: eu.gcr.io (the seed's), or Artifact Registry when REGION and REPOSITORY are set."""
+    environ = os.environ if environ is None else environ
+    project = environ.get("PROJECT_ID", "").strip()
+    if not project:
+        raise Exit(PROJECT_ID_UNSET)
+    if not _PROJECT.fullmatch(project):
+        raise Exit(f"PROJECT_ID {project!r} is not a GCP project id (6-30 lowercase letters, digits, hyphens)")
+    path = project.replace(":", "/")  # domain-scoped projects: gcr.io/example.com/my-project
+    region = environ.get("REGION", "").strip()
+    repo = environ.get("REPOSITORY", "").strip()
+    if bool(region) != bool(repo):
+        raise Exit(
+            "set both REGION and REPOSITORY (Artifact Registry: <REGION>-docker.pkg.dev/$PROJECT_ID/<REPOSITORY>), "
+            f"or neither (eu.gcr.io/$PROJECT_ID); now REGION={region!r}, REPOSITORY={repo!r}"
+        )
+    if region:
+        if not _REGION.fullmatch(region):
+            raise Exit(f"REGION {region!r} is not a GCP region (such as europe-west4)")
+        if not _AR_REPOSITORY.fullmatch(repo):
+            raise Exit(f"REPOSITORY {repo!r} is not an Artifact Registry repository name (lowercase, digits, -)")
+        return f"{region}-docker.pkg.dev/{path}/{repo}/{IMAGE_NAME}"
+    return f"eu.gcr.io/{path}/{IMAGE_NAME}"
+
+
+def validate_tag(tag: str) -> str:
+    if tag == "latest":
+        raise Exit("the tag `latest` is never deployed: tags come from git (<shortsha> or <shortsha>-dirty)")
+    if not _TAG.fullmatch(tag):
+        raise Exit(f"{tag!r} is not a Docker tag: at most 128 letters, digits, '_', '.', '-', not starting with . or -")
+    return tag
+
+
+def validate_digest(digest: str) -> str:
+    if not _DIGEST.fullmatch(digest):
+        raise Exit(f"{digest!r} is not an image digest (sha256: and 64 hex digits)")
+    return digest
+
+
+@dataclasses.dataclass(frozen=True)
+class GitState:
+    revision: str  # the full commit id
+    tag: str  # <shortsha>, or <shortsha>-dirty when the work tree differs from the commit
+
+
+def git_state(root: Path = REPO, environ: Mapping[str, str] | None = None) -> GitState:
+    """The commit and the image tag for it. Untracked files count as changes: `docker build` would copy them."""
+    git = require_tool("git", environ)
+
+    def git_output(*args: str) -> str:
+        result = subprocess.run([git, "-C", str(root), *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise Exit(f"cannot tag the image from git (`git {' '.join(args)}`: {result.stderr.strip()}); "
+                       "pass --tag")
+        return result.stdout.strip()
+
+    revision = git_output("rev-parse", "HEAD")
+    short = git_output("rev-parse", "--short=12", "HEAD")
+    dirty = bool(git_output("status", "--porcelain"))
+    return GitState(revision, f"{short}-dirty" if dirty else short)
+
+
+def build_plan(ref: ImageRef, revision: str) -> Plan:
+    """docker build of docker/Dockerfile with the repository root as context (.dockerignore narrows it)."""
+    argv = (
+        "docker", "build",
+        "--platform", PLATFORM,
+        "--file", DOCKERFILE,
+        "--tag", str(ref),
+        "--label", f"org.opencontainers.image.revision={revision}",
+        "--label", f"org.opencontainers.image.version={ref.tag}",
+        ".",
+    )  # fmt: skip
+    notes = []
+    if ref.tag and ref.tag.endswith("-dirty"):
+        notes.append("the work tree has uncommitted changes: this image cannot be rebuilt from git, "
+                     "and `invoke deploy --env=prod` refuses it")
+    return Plan(f"build {ref}", [Command(argv)], notes=notes)
+
+
+def push_plan(ref: ImageRef) -> Plan:
+    """docker push, after checking that the image is built here and docker can log in to its registry."""
+    host = ref.repository.split("/", 1)[0]
+    steps = [
+        Command(("docker", "push", str(ref))),
+        # Prints the pushed digest (what overlays/prod pins): <repository>@sha256:...
+        Command(("docker", "image", "inspect", "--format", '{{join .RepoDigests "\\n"}}', str(ref))),
+    ]
+    checks = [functools.partial(docker_credentials_problem, host), functools.partial(image_missing_problem, ref)]
+    return Plan(f"push {ref}", steps, checks)
+
+
+def docker_config(environ: Mapping[str, str] | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    directory = Path(environ.get("DOCKER_CONFIG") or Path(environ.get("HOME", str(Path.home()))) / ".docker")
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def docker_credentials_problem(host: str, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why `docker push` to host would be refused for lack of credentials, or None when it has some."""
+    config = docker_config(environ)
+    helper = (config.get("credHelpers") or {}).get(host)
+    if helper:
+        if find_tool(f"docker-credential-{helper}", environ) is None:
+            return (f"docker gets credentials for {host} from docker-credential-{helper}, which is not on PATH: "
+                    + ("install the Google Cloud CLI and `gcloud auth login`" if helper == "gcloud"
+                       else f"install docker-credential-{helper}"))
+        if helper == "gcloud":
+            return gcloud_account_problem(environ)
+        return None
+    if host in (config.get("auths") or {}) or config.get("credsStore"):
+        return None
+    return f"docker has no credentials for {host}: run `gcloud auth configure-docker {host}`"
+
+
+def gcloud_account_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    gcloud = find_tool("gcloud", environ)
+    if gcloud is None:
+        return missing_tool_message("gcloud")
+    result = subprocess.run([gcloud, "auth", "list", "--filter=status:ACTIVE", "--format=value(account)"],
+                            capture_output=True, text=True, check=False, env=None if environ is None else dict(environ))
+    if result.returncode != 0 or not result.stdout.strip():
+        return "gcloud has no active account: run `gcloud auth login`"
+    return None
+
+
+def image_missing_problem(ref: ImageRef, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
+    docker = find_tool("docker", environ) or "docker"
+    result = subprocess.run([docker, "image", "inspect", "--format", "{{.Id}}", str(ref)],
+                            capture_output=True, text=True, check=False, env=None if environ is None else dict(environ))
+    if result.returncode != 0:
+        return f"{ref} is not built on this machine: run `invoke build` first (same commit, same tag)"
+    return None
+
+
+def resolve_digest(ref: ImageRef, environ: Mapping[str, str] | None = None) -> str:
+    """The registry's digest for ref: what `deploy --env=prod` pins, so the running image cannot change."""
+    docker = find_tool("docker", environ)
+    if docker is None:
+        raise Exit(f"prod pins the image by digest, and looking it up needs docker: {missing_tool_message('docker')}; "
+                   "or pass --digest sha256:...")
+    env = None if environ is None else dict(environ)
+    if subprocess.run([docker, "buildx", "version"], capture_output=True, check=False, env=env).returncode != 0:
+        raise Exit("prod pins the image by digest, and looking it up needs docker's buildx plugin "
+                   "(`docker buildx version` fails): install it, or pass --digest sha256:...")
+    result = subprocess.run(
+        [docker, "buildx", "imagetools", "inspect", str(ref), "--format", "{{json .Manifest}}"],
+        capture_output=True, text=True, check=False, env=env,
+    )
+    if result.returncode != 0:
+        raise Exit(f"cannot find {ref} in its registry ({result.stderr.strip() or 'no answer'}): "
+                   "push it first (`invoke push`), or pass --digest sha256:...")
+    try:
+        digest = json.loads(result.stdout)["digest"]
+    except (ValueError, KeyError, TypeError):
+        raise Exit(f"unexpected answer from `docker buildx imagetools inspect {ref}`: {result.stdout[:200]}") from None
+    return validate_digest(digest)

@@ -1,0 +1,188 @@
+"""`invoke status`: Jobs, pods and the WebUI, training progress (% and ETA) and the last failure's reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from invoke.exceptions import Exit
+
+from k8s_tasks.cluster import Cluster
+from k8s_tasks.states import (
+    age,
+    describe_termination,
+    job_component,
+    job_end,
+    job_outcome,
+    terminations,
+    waiting,
+)
+
+SELECTOR = "app.kubernetes.io/part-of=llm-training"
+WEBUI = "llama-webui"
+# tqdm's progress bar as transformers' Trainer prints it: " 42%|####      | 420/1000 [10:02<13:51,  1.43s/it]"
+_TQDM = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:]+|\?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    current: int
+    total: int
+    remaining: str | None  # H:MM:SS as LLaMA-Factory and tqdm print it
+    loss: float | None
+    source: str  # where it was read: trainer_log.jsonl or the pod's log
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.current / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        text = f"{self.percent:.0f}% ({self.current}/{self.total} steps)"
+        if self.remaining:
+            text += f", ETA {self.remaining}"
+        if self.loss is not None:
+            text += f", loss {self.loss:.4g}"
+        return text
+
+
+def progress_from_trainer_log(line: str) -> Progress | None:
+    """One line of LLaMA-Factory's trainer_log.jsonl (written every logging step)."""
+    try:
+        record = json.loads(line)
+        return Progress(int(record["current_steps"]), int(record["total_steps"]), record.get("remaining_time"),
+                        record.get("loss"), "trainer_log.jsonl")
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def progress_from_logs(lines: Iterable[str]) -> Progress | None:
+    """The last progress bar in the pod's log: when trainer_log.jsonl cannot be read (no step logged yet)."""
+    found = None
+    for line in lines:
+        # tqdm redraws with carriage returns: the last segment is the latest state.
+        for match in _TQDM.finditer(line):
+            found = match
+    if found is None:
+        return None
+    remaining = None if found.group(4) == "?" else found.group(4)
+    return Progress(int(found.group(1)), int(found.group(2)), remaining, None, "log")
+
+
+def _env_config_map(pod: Any, container: str) -> str | None:
+    for c in pod.spec.containers:
+        if c.name == container:
+            for source in c.env_from or []:
+                if source.config_map_ref is not None:
+                    return source.config_map_ref.name
+    return None
+
+
+def train_progress(cluster: Cluster, pod: Any) -> Progress | None:
+    """Progress of a running training pod: the last line of its trainer_log.jsonl, else its log's progress bar."""
+    config_name = _env_config_map(pod, "train")
+    config = cluster.config_map(config_name) if config_name else None
+    output = ((config.data or {}) if config is not None else {}).get("LORA_OUTPUT_PATH")
+    if output:
+        try:
+            line = cluster.exec(pod.metadata.name, "train", ["tail", "-n", "1", f"{output}/trainer_log.jsonl"])
+        except Exit:
+            line = ""
+        progress = progress_from_trainer_log(line.strip().splitlines()[-1] if line.strip() else "")
+        if progress is not None:
+            return progress
+    try:
+        return progress_from_logs(cluster.pod_log(pod.metadata.name, "train", tail_lines=200))
+    except Exit:
+        return None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+
+
+def _job_status(job: Any, pods: list[Any]) -> str:
+    outcome = job_outcome(job)
+    if outcome is not None:
+        kind, reason, _ = outcome
+        return kind if kind == "Complete" else f"Failed: {reason or 'unknown'}"
+    if job.spec.suspend:
+        return "Suspended (queued)"
+    text = "Running" if any(p.status.phase == "Running" for p in pods) else "Pending"
+    if job.status.failed:
+        text += f" (retry {job.status.failed})"
+    return text
+
+
+def _duration(job: Any, now: datetime) -> str:
+    start = job.status.start_time
+    if start is None:
+        return "-"
+    return age(start, job_end(job) or now)
+
+
+def render_status(cluster: Cluster, now: datetime) -> str:
+    """The status report as text: what `invoke status` prints."""
+    jobs = sorted(cluster.jobs(SELECTOR), key=lambda j: j.metadata.creation_timestamp or now, reverse=True)
+    pods = sorted(cluster.pods(SELECTOR), key=lambda p: p.metadata.creation_timestamp or now, reverse=True)
+    pods_of: dict[str, list[Any]] = {}
+    for pod in pods:
+        owner = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name")
+        if owner:
+            pods_of.setdefault(owner, []).append(pod)
+    lines = [f"kube context {cluster.context}, namespace {cluster.namespace}", "", "JOBS"]
+
+    rows = []
+    for job in jobs:
+        mine = pods_of.get(job.metadata.name, [])
+        progress = "-"
+        running = [p for p in mine if p.status.phase == "Running"]
+        if job_component(job) == "train" and running and job_outcome(job) is None:
+            found = train_progress(cluster, running[0])
+            progress = str(found) if found is not None else "starting (no step logged yet)"
+        rows.append([job.metadata.name, job_component(job) or "-", _job_status(job, mine), progress,
+                     age(job.metadata.creation_timestamp, now), _duration(job, now)])
+    lines += _table(["NAME", "TYPE", "STATUS", "PROGRESS", "AGE", "DURATION"], rows) if rows else [
+        "  none: `invoke train --env=...` starts one"]
+
+    lines += ["", "PODS"]
+    rows = []
+    for pod in pods:
+        labels = pod.metadata.labels or {}
+        owner = labels.get("batch.kubernetes.io/job-name") or labels.get("app.kubernetes.io/component", "-")
+        detail = waiting(pod)
+        restarts = sum(s.restart_count or 0 for s in pod.status.container_statuses or [])
+        rows.append([pod.metadata.name, owner, pod.status.phase or "-", pod.spec.node_name or "-", str(restarts),
+                     age(pod.metadata.creation_timestamp, now), f"{detail[0]}: {detail[1]}".rstrip(": ")[:100]
+                     if detail else ""])
+    lines += _table(["NAME", "OWNER", "PHASE", "NODE", "RESTARTS", "AGE", "DETAIL"], rows) if rows else ["  none"]
+
+    lines += ["", "WEBUI"]
+    deployment = cluster.deployment(WEBUI)
+    if deployment is None:
+        lines.append("  not deployed: `invoke deploy --env=<dev|gpu|prod> --component webui`")
+    else:
+        ready = deployment.status.ready_replicas or 0
+        wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+        image = deployment.spec.template.spec.containers[0].image
+        lines.append(f"  {WEBUI}: {ready}/{wanted} ready, image {image}")
+        if ready:
+            lines.append("  open it: `invoke ui webui`, then http://localhost:7860")
+
+    lines += ["", "LAST FAILURE"]
+    failed = [t for pod in pods for t in terminations(pod) if t.exit_code != 0]
+    failed.sort(key=lambda t: t.finished or now, reverse=True)
+    if failed:
+        last = failed[0]
+        when = f"{age(last.finished, now)} ago" if last.finished else "earlier"
+        lines.append(f"  pod {last.pod} ({last.container}), {when}: {describe_termination(last)}")
+    else:
+        lines.append("  none")
+    failed_jobs = [(j, job_outcome(j)) for j in jobs if (job_outcome(j) or ("",))[0] == "Failed"]
+    for job, outcome in failed_jobs[:3]:
+        lines.append(f"  Job {job.metadata.name}: {outcome[1]}: {outcome[2]}".rstrip(": "))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Manifests for the task tests: what `invoke deploy` leaves in the cluster, and Jobs and pods in given states."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from k8s_tasks.image import ImageRef
+from k8s_tasks.overlays import render_overlay
+
+REGISTRY = "eu.gcr.io/my-project/llama-factory-train"
+# What a deploy of each overlay ships: prod only by digest.
+DEPLOYED = {
+    "dev": ImageRef(REGISTRY, tag="0123456789ab"),
+    "gpu": ImageRef(REGISTRY, tag="0123456789ab-dirty"),
+    "prod": ImageRef(REGISTRY, tag="0123456789ab", digest="sha256:" + "ab" * 32),
+}
+# Kinds the fake cluster answers for; deploy never applies Jobs.
+DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment")
+# Renders of identical trees (every test gets its own copy) are made once.
+_RENDERS: dict[tuple[str, ImageRef, str], list[dict[str, Any]]] = {}
+
+
+def deployed(env: str, root: Path, image: ImageRef | None = None, created: str = "2026-01-01T10:00:00Z",
+             ) -> list[dict[str, Any]]:
+    """The objects `invoke deploy --env=<env>` applies (the real render of root's overlay), as the API server
+    returns them."""
+    out = []
+    image = image or DEPLOYED[env]
+    key = (env, image, _fingerprint(root))
+    if key not in _RENDERS:
+        _RENDERS[key] = render_overlay(env, image, root)
+    for doc in copy.deepcopy(_RENDERS[key]):
+        if doc["kind"] in DEPLOYED_KINDS:
+            doc["metadata"]["creationTimestamp"] = created
+            out.append(doc)
+    return out
+
+
+def _fingerprint(root: Path) -> str:
+    """The kustomize tree's content: renders of identical trees (each test's copy) are reused."""
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("base", "components", "overlays") for p in (root / d).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+
+def job(name: str, component: str = "train", *, complete: bool = False, failed: str | None = None,
+        message: str = "", created: str = "2026-01-02T03:00:00Z", start: str | None = "2026-01-02T03:00:05Z",
+        end: str | None = None, retries: int = 0, failed_at: str | None = None) -> dict[str, Any]:
+    conditions = []
+    if complete:
+        conditions.append({"type": "Complete", "status": "True", "reason": "", "message": ""})
+    if failed:
+        conditions.append({"type": "Failed", "status": "True", "reason": failed, "message": message,
+                           "lastTransitionTime": failed_at})
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "llm-training", "creationTimestamp": created,
+                     "labels": {"app.kubernetes.io/component": component,
+                                "app.kubernetes.io/part-of": "llm-training",
+                                "app.kubernetes.io/name": "llama-factory"}},
+        "spec": {"template": {"spec": {"containers": [{"name": component, "image": "x"}]}}},
+        "status": {"conditions": conditions, "startTime": start, "completionTime": end,
+                   "failed": retries or None},
+    }
+
+
+def pod(name: str, job_name: str | None, container: str = "train", *, phase: str = "Running",
+        created: str = "2026-01-02T03:00:10Z", node: str | None = "gke-gpu-pool-1",
+        exit_code: int | None = None, message: str = "", finished: str = "2026-01-02T03:20:00Z",
+        waiting: tuple[str, str] | None = None, unschedulable: str | None = None,
+        config_map: str = "llm-config-abc", component: str = "train") -> dict[str, Any]:
+    labels = {"app.kubernetes.io/part-of": "llm-training", "app.kubernetes.io/name": "llama-factory",
+              "app.kubernetes.io/component": component}
+    if job_name:
+        labels["batch.kubernetes.io/job-name"] = job_name
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                "message": message, "finishedAt": finished, "startedAt": created}}
+    elif waiting:
+        state = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
+    elif phase == "Running":
+        state = {"running": {"startedAt": created}}
+    else:
+        state = None
+    statuses = [] if state is None else [{"name": container, "ready": phase == "Running", "restartCount": 0,
+                                           "image": "x", "imageID": "", "state": state}]
+    conditions = []
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                           "message": unschedulable})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "llm-training", "creationTimestamp": created, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": container, "image": "x",
+                                                   "envFrom": [{"configMapRef": {"name": config_map}}]}]},
+        "status": {"phase": phase, "conditions": conditions, "containerStatuses": statuses},
+    }
+
+
+def config_map(name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "llm-training"},
+            "data": data}

@@ -1,0 +1,110 @@
+"""What `deploy --component` applies, as the real kubectl selects it from the real render: the seed's
+all/base/webui split, never the Jobs.
+
+kubectl needs an API server's discovery to map kinds even for a client-side dry run; a FAKE discovery
+endpoint on 127.0.0.1 answers that (and nothing else: `create --dry-run=client` sends no object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_task_objects import DEPLOYED
+
+from k8s_tasks.deploy import plan_deploy
+from k8s_tasks.overlays import ENVS
+from k8s_tasks.plan import WriteFile
+from k8s_tasks.tools import require_tool
+
+
+def _resources(group_version: str, *kinds: tuple[str, str, bool]) -> dict:
+    return {"kind": "APIResourceList", "groupVersion": group_version, "resources": [
+        {"name": name, "singularName": "", "namespaced": namespaced, "kind": kind, "verbs": ["create", "get"]}
+        for name, kind, namespaced in kinds]}
+
+
+DISCOVERY = {
+    "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+        {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+         "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}}
+        for g in ("apps", "batch", "networking.k8s.io")]},
+    "/api/v1": _resources("v1", ("namespaces", "Namespace", False), ("serviceaccounts", "ServiceAccount", True),
+                          ("configmaps", "ConfigMap", True), ("secrets", "Secret", True),
+                          ("services", "Service", True), ("persistentvolumes", "PersistentVolume", False),
+                          ("persistentvolumeclaims", "PersistentVolumeClaim", True)),
+    "/apis/apps/v1": _resources("apps/v1", ("deployments", "Deployment", True)),
+    "/apis/batch/v1": _resources("batch/v1", ("jobs", "Job", True)),
+    "/apis/networking.k8s.io/v1": _resources("networking.k8s.io/v1", ("networkpolicies", "NetworkPolicy", True)),
+}
+
+
+class _Discovery(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        doc = DISCOVERY.get(self.path.split("?")[0])
+        if doc is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(doc).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def kube_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    server = HTTPServer(("127.0.0.1", 0), _Discovery)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    home = tmp_path_factory.mktemp("kube-home")
+    kubeconfig = home / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+        "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "fake", "user": {}}],
+    }))
+    yield {**os.environ, "HOME": str(home), "KUBECONFIG": str(kubeconfig)}
+    server.shutdown()
+
+
+def selected(tree: Path, env: str, component: str, kube_env: dict[str, str], environ: dict[str, str]) -> list[str]:
+    """kind/name of what deploy's `kubectl apply` would send: its own -k and -l, as a client dry run."""
+    plan = plan_deploy(env, component, DEPLOYED[env], root=tree, environ=environ)
+    for step in plan.steps:
+        if isinstance(step, WriteFile):
+            (tree / step.path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / step.path).write_text(step.content)
+    apply = plan.commands()[0]
+    assert apply[:2] == ["kubectl", "apply"]
+    result = subprocess.run([require_tool("kubectl"), "create", "--dry-run=client", "-o", "name", "--validate=false",
+                             *apply[2:]], cwd=tree, env=kube_env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return sorted(result.stdout.split())
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_components_split_the_overlay_and_never_apply_jobs(env: str, tree: Path, kube_env: dict[str, str],
+                                                           environ: dict[str, str]) -> None:
+    everything = selected(tree, env, "all", kube_env, environ)
+    base = selected(tree, env, "base", kube_env, environ)
+    webui = selected(tree, env, "webui", kube_env, environ)
+    assert webui == ["deployment.apps/llama-webui", "service/llama-webui"]
+    assert sorted(base + webui) == everything
+    assert not any(name.startswith("job.batch/") for name in everything)
+    kinds = {name.split("/")[0] for name in base}
+    assert kinds == {"namespace", "serviceaccount", "configmap", "secret", "persistentvolume",
+                     "persistentvolumeclaim", "networkpolicy.networking.k8s.io"}
+    # The identity ConfigMaps the Jobs of `invoke train` and `invoke merge` read are part of base.
+    assert sum(name.startswith(("configmap/llama-train-", "configmap/llama-merge-")) for name in base) == 2

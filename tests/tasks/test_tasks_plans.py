@@ -1,0 +1,207 @@
+"""The exact commands each mutating task runs, for every overlay: what --dry-run prints and a real run executes."""
+
+from __future__ import annotations
+
+import io
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from invoke.exceptions import Exit
+from k8s_fake_cluster import FakeCluster
+from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job
+
+from k8s_tasks.cleanup import plan_cleanup
+from k8s_tasks.deploy import plan_deploy
+from k8s_tasks.image import ImageRef, build_plan, push_plan
+from k8s_tasks.jobs import plan_start
+from k8s_tasks.local import plan_bench, plan_demo, plan_test
+from k8s_tasks.overlays import ENVS
+from k8s_tasks.plan import run_plan
+from k8s_tasks.ui import plan_ui
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+ALL = "app.kubernetes.io/component notin (train,merge)"
+ROLLOUT = ["kubectl", "rollout", "status", "deployment/llama-webui", "-n", "llm-training", "--timeout=15m"]
+
+
+@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize(
+    ("component", "selector", "waits"),
+    [
+        ("all", ALL, True),
+        ("base", "app.kubernetes.io/component notin (train,merge,webui)", False),
+        ("webui", "app.kubernetes.io/component=webui", True),
+    ],
+)
+def test_deploy_applies_the_overlay_with_the_image_set_in_one_generated_file(
+    env: str, component: str, selector: str, waits: bool, tree: Path, environ: dict[str, str]
+) -> None:
+    image = DEPLOYED[env]
+    plan = plan_deploy(env, component, image, root=tree, environ=environ)
+    assert plan.commands() == [["kubectl", "apply", "-k", f"build/deploy/{env}", "-l", selector],
+                               *([ROLLOUT] if waits else [])]
+    (wrapper,) = [s for s in plan.steps if not hasattr(s, "argv")]
+    assert wrapper.path == Path(f"build/deploy/{env}/kustomization.yaml")
+    kustomization = yaml.safe_load(wrapper.content)
+    assert kustomization["resources"] == [f"../../../overlays/{env}"]
+    expected = {"name": "eu.gcr.io/PROJECT_ID/llama-factory-train", "newName": REGISTRY}
+    expected.update({"digest": image.digest} if env == "prod" else {"newTag": image.tag})
+    assert kustomization["images"] == [expected]
+    assert "gke_my-project_europe-west4_training" in plan.title
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_deploy_dry_run_prints_the_commands_and_changes_nothing(env: str, tree: Path,
+                                                                environ: dict[str, str]) -> None:
+    out = io.StringIO()
+    run_plan(plan_deploy(env, "all", DEPLOYED[env], root=tree, environ=environ), dry_run=True, root=tree,
+             out=out, environ=environ)
+    text = out.getvalue()
+    assert f"$ kubectl apply -k build/deploy/{env} -l 'app.kubernetes.io/component notin (train,merge)'" in text
+    assert f"write build/deploy/{env}/kustomization.yaml" in text
+    assert not (tree / "build").exists()
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_a_real_deploy_writes_the_wrapper_then_runs_kubectl(env: str, tree: Path, environ: dict[str, str]) -> None:
+    ran: list[tuple[list[str], Path]] = []
+
+    def runner(argv: list[str], stdin: str | None, cwd: Path) -> int:
+        # The wrapper exists when kubectl runs, so `apply -k` finds it.
+        assert (cwd / f"build/deploy/{env}/kustomization.yaml").is_file()
+        ran.append((argv, cwd))
+        return 0
+
+    run_plan(plan_deploy(env, "base", DEPLOYED[env], root=tree, environ=environ), dry_run=False, root=tree,
+             runner=runner, out=io.StringIO(), environ=environ)
+    assert [argv[1:] for argv, _ in ran] == [
+        ["apply", "-k", f"build/deploy/{env}", "-l", "app.kubernetes.io/component notin (train,merge,webui)"]]
+    assert ran[0][1] == tree
+
+
+def test_prod_deploy_needs_a_digest(tree: Path, environ: dict[str, str]) -> None:
+    with pytest.raises(Exit, match="digest"):
+        plan_deploy("prod", "all", ImageRef(REGISTRY, tag="0123456789ab"), root=tree, environ=environ)
+
+
+def test_build_and_push_commands() -> None:
+    ref = ImageRef(REGISTRY, tag="0123456789ab")
+    assert build_plan(ref, "f" * 40).commands() == [[
+        "docker", "build", "--platform", "linux/amd64", "--file", "docker/Dockerfile",
+        "--tag", f"{REGISTRY}:0123456789ab",
+        "--label", f"org.opencontainers.image.revision={'f' * 40}",
+        "--label", "org.opencontainers.image.version=0123456789ab", ".",
+    ]]
+    assert push_plan(ref).commands() == [
+        ["docker", "push", f"{REGISTRY}:0123456789ab"],
+        ["docker", "image", "inspect", "--format", '{{join .RepoDigests "\\n"}}', f"{REGISTRY}:0123456789ab"],
+    ]
+
+
+def test_a_dirty_build_says_prod_refuses_it() -> None:
+    plan = build_plan(ImageRef(REGISTRY, tag="0123456789ab-dirty"), "f" * 40)
+    assert any("prod" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("component", ["train", "merge"])
+def test_train_and_merge_create_a_uniquely_named_copy_of_the_deployed_template(
+    env: str, component: str, started: dict
+) -> None:
+    plan, name, cluster = started[env, component]
+    assert name == f"llama-{component}-20260102-030405"
+    assert plan.commands() == [["kubectl", "create", "-f", "-"]]
+    created = yaml.safe_load(plan.steps[0].stdin)
+    assert created["kind"] == "Job"
+    assert created["metadata"]["name"] == name
+    assert created["metadata"]["namespace"] == "llm-training"
+    assert created["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    assert "selector" not in created["spec"]
+    pod_spec = created["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    assert container["image"] == str(DEPLOYED[env])
+    # It reads the ConfigMaps deploy applied: the template's identity and configuration.
+    template = created["metadata"]["annotations"]["llama-factory/template"]
+    assert template.startswith(f"llama-{component}-")
+    assert cluster.exists("ConfigMap", template)
+    image_ref = next(e for e in container["env"] if e["name"] == "IMAGE")["valueFrom"]["configMapKeyRef"]
+    assert image_ref["name"] == template
+    assert cluster.exists("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
+
+
+def test_train_takes_the_name_given(tree: Path) -> None:
+    plan, name = plan_start("dev", "train", FakeCluster(deployed("dev", tree)), now=NOW, name="lr-sweep-3",
+                            root=tree)
+    assert name == "lr-sweep-3"
+    assert yaml.safe_load(plan.steps[0].stdin)["metadata"]["name"] == "lr-sweep-3"
+
+
+def test_cleanup_deletes_finished_jobs_and_keeps_running_ones() -> None:
+    cluster = FakeCluster([
+        job("llama-train-20260101-000000", complete=True),
+        job("llama-train-20260101-010000", failed="BackoffLimitExceeded"),
+        job("llama-merge-20260101-020000", "merge", complete=True),
+        job("llama-train-20260102-000000"),
+    ])
+    plan = plan_cleanup("jobs", cluster)
+    assert plan.commands() == [["kubectl", "delete", "job", "-n", "llm-training", "llama-merge-20260101-020000",
+                                "llama-train-20260101-000000", "llama-train-20260101-010000"]]
+    assert any("llama-train-20260102-000000" in note for note in plan.notes)
+    everything = plan_cleanup("jobs", cluster, everything=True)
+    assert everything.commands()[0][-4:] == ["llama-merge-20260101-020000", "llama-train-20260101-000000",
+                                             "llama-train-20260101-010000", "llama-train-20260102-000000"]
+
+
+def test_cleanup_with_nothing_finished_runs_nothing() -> None:
+    assert plan_cleanup("jobs", FakeCluster([job("llama-train-20260102-000000")])).commands() == []
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_ui_port_forwards(env: str, tree: Path) -> None:
+    assert plan_ui("webui").commands() == [
+        ["kubectl", "port-forward", "-n", "llm-training", "svc/llama-webui", "7860:7860"]]
+    # The examples name an in-cluster server (dev, gpu) or an external one (prod): nothing to forward then.
+    mlflow = plan_ui("mlflow", env, root=tree)
+    if env == "prod":
+        assert mlflow.commands() == []
+        assert "https://mlflow.prod.example.internal" in mlflow.title
+    else:
+        assert mlflow.commands() == [["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
+
+
+def test_ui_mlflow_finds_the_only_env_file(tree: Path) -> None:
+    with pytest.raises(Exit, match=r"ui mlflow needs --env: .*\(found for dev, gpu, prod\)"):
+        plan_ui("mlflow", root=tree)
+    (tree / "overlays/prod/mlflow.env").unlink()
+    (tree / "overlays/gpu/mlflow.env").unlink()
+    assert plan_ui("mlflow", root=tree).commands() == [
+        ["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
+
+
+def test_local_tasks_go_through_dev_sh(tree: Path) -> None:
+    assert plan_test("-k deploy -x").commands() == [["./dev.sh", "test", "-k", "deploy", "-x"]]
+    assert plan_demo().commands() == [["./dev.sh", "demo"]]
+    assert plan_demo("/tmp/s").commands() == [["./dev.sh", "demo", "--storage", "/tmp/s"]]
+    for name in ("train_bench.py", "merge_bench.py"):
+        (tree / "benchmarks" / name).write_text("")
+    assert plan_bench(tree).commands() == [["./dev.sh", "setup"], [".venv/bin/python", "benchmarks/merge_bench.py"],
+                                           [".venv/bin/python", "benchmarks/train_bench.py"]]
+
+
+def test_bench_without_benchmarks_says_so(tree: Path) -> None:
+    with pytest.raises(Exit, match="no benchmarks"):
+        plan_bench(tree)
+
+
+def test_written_files_get_their_mode_from_the_start(tree: Path, environ: dict[str, str]) -> None:
+    secret = tree / "mine.env"
+    secret.write_text("MLFLOW_TRACKING_URI=https://user:s3cret@mlflow.example.com\n")
+    (tree / "overlays/dev/mlflow.env").unlink()
+    plan = plan_deploy("dev", "base", DEPLOYED["dev"], mlflow_env=secret, root=tree, environ=environ)
+    run_plan(plan, dry_run=False, root=tree, runner=lambda *_: 0, out=io.StringIO(), environ=environ)
+    written = tree / "overlays/dev/mlflow.env"
+    assert written.read_text() == secret.read_text()
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600

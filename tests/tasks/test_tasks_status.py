@@ -1,0 +1,107 @@
+"""`invoke status` as the user reads it: Jobs with progress and ETA, pods and why they wait, the WebUI, and
+the reason of the last failure."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from k8s_fake_cluster import FakeCluster
+from k8s_task_objects import config_map, job, pod
+
+from k8s_tasks.status import progress_from_logs, render_status
+
+NOW = datetime(2026, 1, 2, 3, 30, 0, tzinfo=UTC)
+RUNNING = "llama-train-20260102-030000"
+FAILED = "llama-train-20260101-120000"
+TRAINER_LOG = json.dumps({"current_steps": 420, "total_steps": 1000, "loss": 1.2345, "lr": 1e-4, "epoch": 1.26,
+                          "percentage": 42.0, "elapsed_time": "0:10:02", "remaining_time": "0:13:51"})
+CONFIG = config_map("llm-config-abc", {"LORA_OUTPUT_PATH": "/storage/output/lora-adapter"})
+WEBUI = {
+    "apiVersion": "apps/v1", "kind": "Deployment",
+    "metadata": {"name": "llama-webui", "namespace": "llm-training"},
+    "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "x"}},
+             "template": {"spec": {"containers": [{"name": "webui",
+                                                   "image": "eu.gcr.io/p/llama-factory-train:0123456789ab"}]}}},
+    "status": {"readyReplicas": 1},
+}
+
+
+def cluster(trainer_log: str = TRAINER_LOG, logs: dict[str, list[str]] | None = None) -> FakeCluster:
+    return FakeCluster([
+        CONFIG,
+        WEBUI,
+        job(RUNNING, created="2026-01-02T03:00:00Z", start="2026-01-02T03:00:05Z"),
+        pod(f"{RUNNING}-x7k2p", RUNNING),
+        job(FAILED, failed="PodFailurePolicy", created="2026-01-01T12:00:00Z", start="2026-01-01T12:00:02Z",
+            failed_at="2026-01-01T12:01:02Z",
+            message="Container train for pod llm-training/x failed with exit code 78 matching FailJob rule"),
+        pod(f"{FAILED}-q2w9e", FAILED, phase="Failed", exit_code=78, finished="2026-01-01T12:01:00Z",
+            message="exit 78: LORA_RANK='abc' is not an integer (allowed: an integer >= 1 and <= 1024)"),
+        job("llama-merge-20260101-080000", "merge", complete=True, created="2026-01-01T08:00:00Z",
+            start="2026-01-01T08:00:02Z", end="2026-01-01T08:04:02Z"),
+        pod("llama-webui-5d9c-abcde", None, "webui", component="webui", phase="Pending", node=None,
+            unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+    ], trainer_log=trainer_log, logs=logs)
+
+
+def _line(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_running_training_shows_percent_eta_and_loss() -> None:
+    text = render_status(cluster(), NOW)
+    row = _line(text, RUNNING)
+    assert "train" in row
+    assert "Running" in row
+    assert "42% (420/1000 steps), ETA 0:13:51, loss 1.234" in row
+    assert row.split()[-2:] == ["30m", "29m"]  # age, duration
+
+
+def test_finished_jobs_show_their_outcome() -> None:
+    text = render_status(cluster(), NOW)
+    failed = _line(text, FAILED)
+    assert "Failed: PodFailurePolicy" in failed
+    assert failed.split()[-1] == "1m"  # until it was marked Failed
+    merge = _line(text, "llama-merge-20260101-080000")
+    assert "Complete" in merge
+    assert merge.split()[-1] == "4m"
+
+
+def test_the_last_failure_names_the_exit_code_meaning_and_the_termination_message() -> None:
+    text = render_status(cluster(), NOW)
+    failure = text.split("LAST FAILURE", 1)[1]
+    assert (f"pod {FAILED}-q2w9e (train), 15h29m ago: exit 78 (configuration or input error: retrying cannot "
+            "help, the Job fails at once): LORA_RANK='abc' is not an integer") in failure
+    assert f"Job {FAILED}: PodFailurePolicy: Container train" in failure
+
+
+def test_a_pending_pod_says_why_and_the_webui_is_reported() -> None:
+    text = render_status(cluster(), NOW)
+    pod_row = _line(text, "llama-webui-5d9c-abcde")
+    assert "Pending" in pod_row
+    assert "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in pod_row
+    assert "llama-webui: 1/1 ready, image eu.gcr.io/p/llama-factory-train:0123456789ab" in text
+
+
+def test_progress_falls_back_to_the_log_when_no_step_is_logged_yet() -> None:
+    bar = "\r 41%|####      | 410/1000 [09:50<14:10,  1.44s/it]\r 42%|####      | 420/1000 [10:02<13:51,  1.43s/it]"
+    text = render_status(cluster(trainer_log="", logs={f"{RUNNING}-x7k2p": ["loading model", bar]}), NOW)
+    assert "42% (420/1000 steps), ETA 13:51" in _line(text, RUNNING)  # tqdm's own format
+
+
+def test_no_progress_yet_says_so() -> None:
+    text = render_status(cluster(trainer_log="", logs={}), NOW)
+    assert "starting (no step logged yet)" in _line(text, RUNNING)
+
+
+def test_log_progress_ignores_unrelated_lines() -> None:
+    assert progress_from_logs(["step 3 of my own", "nothing"]) is None
+    found = progress_from_logs(["  5%|5         | 5/100 [00:05<?, ?it/s]"])
+    assert (found.current, found.total, found.remaining) == (5, 100, None)
+
+
+def test_an_empty_namespace_says_how_to_start() -> None:
+    text = render_status(FakeCluster([]), NOW)
+    assert "none: `invoke train --env=...` starts one" in text
+    assert "not deployed: `invoke deploy --env=<dev|gpu|prod> --component webui`" in text
