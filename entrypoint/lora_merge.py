@@ -44,6 +44,7 @@ from entrypoint.safetensors_stream import (
     encode_header,
     write_all,
 )
+from entrypoint.storage import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def merge_adapter(
     for path in base.other_files():
         _copy_file(path, out_dir / path.name)
         copied.append(path.name)
-    _fsync_path(out_dir)
+    fsync_path(out_dir)
     return MergeResult(
         output_bytes=sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
         shards=len(base.shards),
@@ -448,15 +449,7 @@ def _write_index(base: BaseModel, out_dir: Path) -> None:
 
 def _copy_file(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
-    _fsync_path(dest)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(dest)
 
 
 def _main_dtype(base: BaseModel) -> str:

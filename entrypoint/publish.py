@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.errors import ConfigError
-from entrypoint.storage import fsync_dir
+from entrypoint.storage import fsync_dir, fsync_path
 
 VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{12}|legacy-\d{8}-\d{6})$")
 MANIFEST = ".merge.json"  # inside each version: what it was made from
@@ -116,7 +116,7 @@ class Published:
         """Turn a finished work directory into the next version and point the fixed path at it."""
         (workdir / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": fingerprint}, indent=2),
                                         encoding="utf-8")
-        _fsync_file(workdir / MANIFEST)
+        fsync_path(workdir / MANIFEST)
         fsync_dir(workdir)
         version = self.versions / f"v{self.next_number():04d}-{fingerprint[:12]}"
         os.rename(workdir, version)
@@ -137,14 +137,6 @@ class Published:
             shutil.rmtree(version)
             removed.append(version)
         return removed
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def directory_bytes(path: Path) -> int:

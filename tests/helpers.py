@@ -14,22 +14,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from entrypoint.demo import DEMO_ENV
+
 REPO = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
 
-# Fast, deterministic training settings for the tiny model (the demo's, with fewer steps).
 TRAIN_ENV = {
-    "TEMPLATE": "llama3",
-    "CUTOFF_LEN": "128",
-    "BATCH_SIZE": "8",
-    "GRADIENT_ACCUMULATION": "1",
-    "LEARNING_RATE": "1e-2",
-    "LORA_RANK": "16",
-    "LORA_ALPHA": "32",
+    **DEMO_ENV,  # the demo's fast, deterministic settings for the tiny model, with fewer steps
     "MAX_STEPS": "20",
     "SAVE_STEPS": "10",
     "LOGGING_STEPS": "5",
-    "PRECISION": "fp32",
     "MLFLOW_TIMEOUT_SECONDS": "5",
     "LOCK_WAIT_SECONDS": "5",
     "LOG_LEVEL": "INFO",
