@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Storage, free_port, start_entrypoint
+from helpers import Storage, free_port, run_entrypoint, snapshot, start_entrypoint
 
 from entrypoint.decisions import observe_output
 from entrypoint.errors import ExitCode
@@ -141,3 +141,26 @@ def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resum
         codes = [node0.wait(timeout=120), node1.wait(timeout=120)]
     assert codes == [0, 0]
     assert all("skipped" in _log(tmp_path, "third", rank) for rank in (0, 1))
+
+
+def test_a_node_other_than_zero_refuses_alike_and_never_writes_the_storage(storage: Storage, tmp_path: Path):
+    """Node 1 decides from the same storage as node 0 but acts on it only through node 0: it refuses the same
+    foreign output with the same code, and with REPLACE_OUTPUT it moves nothing aside, takes no lock, writes no
+    run.json; without a node 0 it gives up at the rendezvous (DDP_TIMEOUT) with the retriable code."""
+    storage.output.mkdir(parents=True)
+    (storage.output / "notes.txt").write_text("someone else's files")
+    shared = storage.output.parent  # the output, its lock and anything moved aside beside it
+    before = snapshot(shared)
+    env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "1"}
+
+    refused = [run_entrypoint("train", storage.env(**env, NODE_RANK=str(rank))) for rank in (0, 1)]
+    assert [r.returncode for r in refused] == [ExitCode.CONFIG, ExitCode.CONFIG]
+    assert all("files this tool did not write" in r.stderr for r in refused)
+    assert snapshot(shared) == before
+
+    t0 = time.monotonic()
+    alone = run_entrypoint("train", storage.env(**env, NODE_RANK="1", REPLACE_OUTPUT="true", DDP_TIMEOUT="10"))
+    assert alone.returncode == ExitCode.INTERNAL, alone.stderr[-3000:]
+    assert "node 1 of 2: output holds files this tool did not write: moving it aside" in alone.stderr
+    assert time.monotonic() - t0 < 120
+    assert snapshot(shared) == before, "node 1 wrote to the storage"
