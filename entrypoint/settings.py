@@ -224,7 +224,8 @@ FIELDS: tuple[Field, ...] = (
     F("MAX_MODEL_LEN", "int", "4096", "vLLM --max-model-len.", "vllm", minimum=1),
     F("TENSOR_PARALLEL_SIZE", "int", "1", "vLLM --tensor-parallel-size.", "vllm", minimum=1, maximum=64),
 )
-FIELDS_BY_ENV = {f.env: f for f in FIELDS}
+# Every variable the entrypoint reads, Kubeflow Trainer's names included, to the field it sets.
+FIELDS_BY_ENV = {**{f.kubeflow: f for f in FIELDS if f.kubeflow}, **{f.env: f for f in FIELDS}}
 
 
 def _parse(field: Field, raw: str) -> Any:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from entrypoint.errors import ConfigError
-from entrypoint.settings import FIELDS, check_topology, default_configmap, load_settings, reference_markdown
+from entrypoint.settings import (
+    FIELDS,
+    FIELDS_BY_ENV,
+    check_topology,
+    default_configmap,
+    load_settings,
+    reference_markdown,
+)
 
 # The seed's ConfigMap (REFERENCE.md): users' values must carry over unchanged.
 SEED_CONFIGMAP = {
@@ -155,3 +162,11 @@ def test_pod_provided_topology_stays_out_of_the_configmap():
     cm = default_configmap()
     assert cm["NNODES"] == "" and cm["MASTER_ADDR"] == "", "a value here would hide PET_* and the derivation"
     assert {"NODE_RANK", "JOB_COMPLETION_INDEX", "MULTINODE_SERVICE"}.isdisjoint(cm)
+
+
+def test_kubeflow_names_are_declared_with_the_field_they_set():
+    assert {name: FIELDS_BY_ENV[name].env for name in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                                                       "PET_MASTER_PORT")} == {
+        "PET_NNODES": "NNODES", "PET_NODE_RANK": "NODE_RANK", "PET_MASTER_ADDR": "MASTER_ADDR",
+        "PET_MASTER_PORT": "MASTER_PORT"}
+    assert "PET_NNODES" in reference_markdown(), "the reference tells users which Kubeflow name stands in"
