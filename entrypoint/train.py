@@ -247,9 +247,14 @@ def _train_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_ru
     """
     settings = plan.settings
     if settings.nnodes > 1:
-        where = [f"--master-addr={settings.master_addr}", f"--master-port={settings.master_port}"]
+        where = [f"--nnodes={settings.nnodes}", f"--node-rank={settings.node_rank}",
+                 f"--master-addr={settings.master_addr}", f"--master-port={settings.master_port}",
+                 # How long this node waits at the rendezvous for the others (pods scheduled late).
+                 f"--rdzv-conf=timeout={settings.ddp_timeout}"]
     else:
-        where = ["--master-addr=127.0.0.1", "--master-port=0"]  # a free port: nothing outside the pod joins
+        # One pod: a local rendezvous on a free port. (A static one on port 0 would hand the processes
+        # port 0, not the port it bound.)
+        where = ["--standalone"]
     with tempfile.TemporaryDirectory(prefix="entrypoint-worker-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         atomic_write_json(spec_path, {
@@ -260,11 +265,8 @@ def _train_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_ru
             "mlflow_timeout": settings.mlflow_timeout_seconds,
             "result_path": str(result_path),
         })
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={settings.nnodes}",
-                   f"--node-rank={settings.node_rank}", f"--nproc-per-node={nproc}", *where,
-                   # How long this node waits at the rendezvous for the others (pods scheduled late).
-                   f"--rdzv-conf=timeout={settings.ddp_timeout}", "--max-restarts=0",
-                   "-m", "entrypoint", "_worker", str(spec_path)]
+        command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
+                   "--max-restarts=0", "-m", "entrypoint", "_worker", str(spec_path)]
         log.info("launching %d processes: %s", nproc, " ".join(command))
         child = subprocess.Popen(command, start_new_session=True)
         got_sigterm = False

@@ -124,7 +124,9 @@ def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resum
     assert (storage.output / "adapter_model.safetensors").stat().st_size > 0
     assert sorted(p.name for p in storage.output.parent.iterdir()) == [storage.output.name], (
         "one output: nothing moved aside, no second output, no lock left")
-    assert json.loads((storage.output / "trainer_state.json").read_text())["global_step"] == STEPS
+    state = json.loads((storage.output / "trainer_state.json").read_text())
+    # 8 records, 2 per rank and step: with two ranks an epoch takes 2 steps (with one it would take 4).
+    assert state["global_step"] == STEPS and state["epoch"] == STEPS / 2
 
     # One MLflow run for both nodes and both attempts, written by global rank 0 only.
     experiment = client.get_experiment_by_name("e2e-multinode")
@@ -164,3 +166,14 @@ def test_a_node_other_than_zero_refuses_alike_and_never_writes_the_storage(stora
     assert "node 1 of 2: output holds files this tool did not write: moving it aside" in alone.stderr
     assert time.monotonic() - t0 < 120
     assert snapshot(shared) == before, "node 1 wrote to the storage"
+
+
+def test_one_pod_with_two_processes_trains_through_torchrun(storage: Storage, tmp_path: Path):
+    """NNODES=1 with several GPUs (prod's 8 x H100): one pod, a local rendezvous, one output."""
+    result = run_entrypoint("train", storage.env(NPROC_PER_NODE="2", BATCH_SIZE="2", MAX_STEPS="10",
+                                                 OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching 2 processes" in result.stderr
+    assert storage.marker() is not None
+    state = json.loads((storage.output / "trainer_state.json").read_text())
+    assert state["global_step"] == 10 and state["epoch"] == 5, "both processes took their share of the data"
