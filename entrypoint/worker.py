@@ -219,6 +219,7 @@ def main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     stop = StopFlag()
@@ -229,7 +230,7 @@ def main(spec_path: str) -> int:
         spec = follow_rank_zero(spec)
         import torch
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        if world_size > 1 and not torch.cuda.is_available():
             allow_cpu_index_on_load()
         if rank == 0 and spec.get("mlflow_run_id"):
             tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], float(spec["mlflow_timeout"]))
@@ -244,8 +245,7 @@ def main(spec_path: str) -> int:
             tracker.close(None, timeout=30)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         Path(spec["result_path"]).write_text(json.dumps({
-            "code": code, "message": message, "rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "global_step": step,
+            "code": code, "message": message, "rank": rank, "world_size": world_size, "global_step": step,
         }), encoding="utf-8")
     if code:
         write_termination_log(message)
