@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint import datasets
-from entrypoint.decisions import Action, Decision, decide_train, observe_output
+from entrypoint.decisions import Action, Decision, checkpoint_layout_problem, decide_train, observe_output
 from entrypoint.errors import ConfigError, EntrypointError, ExitCode, Interrupted, TemporaryFailure, finish
 from entrypoint.plan import TrainPlan, build_plan
 from entrypoint.settings import Settings, check_topology
@@ -120,16 +120,23 @@ def _train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, trackin
     from entrypoint import worker
 
     settings = plan.settings
+    nproc = procs_per_node(settings)
+    deepspeed = plan.lf_args.get("deepspeed")
+    layout = {"world_size": settings.nnodes * nproc, "deepspeed": Path(deepspeed).name if deepspeed else None}
     if decision.replace_first:
         moved = move_aside(plan.output)
         log.warning("moved the previous output to %s", moved)
     previous = observe_output(plan.output).run or {}
+    problem = checkpoint_layout_problem(previous.get("layout"), layout) if decision.action is Action.RESUME else None
+    if problem:
+        raise ConfigError(f"LORA_OUTPUT_PATH={str(plan.output)!r}: {problem}")
     run_info: dict[str, Any] = {
         "fingerprint": plan.fingerprint,
         "inputs": plan.fingerprint_inputs,
         "started_at": time.time(),
         "attempt": int(previous.get("attempt", 0)) + 1 if decision.action is Action.RESUME else 1,
         "mlflow_run_id": previous.get("mlflow_run_id") if previous.get("fingerprint") == plan.fingerprint else None,
+        "layout": layout,  # what its checkpoints can be resumed with
     }
     plan.output.mkdir(parents=True, exist_ok=True)
     datasets.write_generated_info(plan.data)
@@ -158,7 +165,6 @@ def _train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, trackin
     args = launch_args(plan, decision)
     status = "FAILED"
     try:
-        nproc = procs_per_node(settings)
         if uses_torchrun(plan, nproc):
             _train_torchrun(plan, args, nproc, run_info["mlflow_run_id"] if tracking else None)
         else:

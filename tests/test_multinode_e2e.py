@@ -178,3 +178,25 @@ def test_one_pod_with_two_processes_trains_through_torchrun(storage: Storage, tm
     assert storage.marker() is not None
     state = json.loads((storage.output / "trainer_state.json").read_text())
     assert state["global_step"] == 10 and state["epoch"] == 5, "both processes took their share of the data"
+
+
+def test_a_deepspeed_run_is_not_resumed_with_another_layout(storage: Storage):
+    """An output interrupted while 16 processes trained it with ZeRO-3 (as two 8-GPU pods leave it) is not
+    resumed by one process: DeepSpeed's per-process checkpoint would fail to load on every retry."""
+    env = storage.env()
+    check = run_entrypoint("check", env)
+    assert check.returncode == 0, check.stderr[-2000:]
+    fingerprint = json.loads(check.stdout)["fingerprint"]
+    (storage.output / "checkpoint-5").mkdir(parents=True)
+    (storage.output / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    (storage.output / ".job").mkdir()
+    (storage.output / ".job" / "run.json").write_text(json.dumps({
+        "fingerprint": fingerprint, "attempt": 1, "mlflow_run_id": None,
+        "layout": {"world_size": 16, "deepspeed": "ds_z3.json"}}))
+    before = snapshot(storage.output.parent)
+
+    result = run_entrypoint("train", env)
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    assert "written by 16 processes with DeepSpeed (ds_z3.json) and this run has 1 process with no DeepSpeed" \
+        in result.stderr
+    assert snapshot(storage.output.parent) == before
