@@ -9,11 +9,12 @@ from entrypoint import datasets
 from entrypoint.decisions import Action
 from entrypoint.errors import ConfigError
 from entrypoint.plan import build_plan
-from entrypoint.settings import Settings
+from entrypoint.settings import Settings, check_topology
 from entrypoint.train import decide
 
 
 def run(settings: Settings) -> int:
+    check_topology(settings)
     plan = build_plan(settings)
     decision = decide(plan)
     if decision.action is not Action.SKIP:
@@ -23,6 +24,8 @@ def run(settings: Settings) -> int:
         "reason": decision.reason,
         "fingerprint": plan.fingerprint,
         "output": str(plan.output),
+        "node": {"rank": settings.node_rank, "nnodes": settings.nnodes,
+                 "master": f"{settings.master_addr}:{settings.master_port}" if settings.nnodes > 1 else None},
         "llamafactory_args": plan.lf_args,
     }, indent=2, default=str))
     if decision.action is Action.REFUSE:

@@ -121,3 +121,25 @@ def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, r
         "or set REPLACE_OUTPUT=true to move the old output aside (renamed, not deleted) and train anew",
         changed=changed,
     )
+
+
+def checkpoint_layout_problem(previous: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """Why checkpoints written with the `previous` layout (run.json) cannot be resumed with `current`, if so.
+
+    A layout is the number of training processes and the DeepSpeed config. DeepSpeed saves optimizer state
+    (with ZeRO-3 the weights too) partitioned per process and loads it only into the same number of processes
+    with the same stage; without DeepSpeed a checkpoint holds whole tensors and resumes on any layout.
+    """
+    if not previous or previous == current or not (previous.get("deepspeed") or current.get("deepspeed")):
+        return None
+    return (
+        f"its checkpoints were written by {_describe(previous)} and this run has {_describe(current)}; DeepSpeed "
+        "checkpoints resume only into the layout that wrote them. Finish the run with the NNODES, GPUs per pod "
+        "and DEEPSPEED it started with, or train into another LORA_OUTPUT_PATH"
+    )
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    engine = f"DeepSpeed ({layout['deepspeed']})" if layout.get("deepspeed") else "no DeepSpeed"
+    size = layout.get("world_size")
+    return f"{size} process{'' if size == 1 else 'es'} with {engine}"

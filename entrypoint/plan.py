@@ -34,12 +34,18 @@ OWNED_KEYS = {
     "logging_dir": "(kept inside LORA_OUTPUT_PATH)",
 }
 # Arguments that do not change the trained result: left out of the fingerprint, so changing them on
-# a finished run does not count as a different config.
+# a finished run does not count as a different config. `deepspeed` (the ZeRO stage) only decides where
+# optimizer state, gradients and weights live: every rank still applies the same averaged update
+# (docs/adr/006-multinode.md).
 NON_RESULT_KEYS = {
     "output_dir", "dataset_dir", "logging_steps", "save_steps", "save_total_limit", "report_to",
     "plot_loss", "overwrite_output_dir", "resume_from_checkpoint", "preprocessing_num_workers",
-    "dataloader_num_workers", "ddp_timeout", "overwrite_cache",
+    "dataloader_num_workers", "ddp_timeout", "overwrite_cache", "deepspeed",
 }
+# DeepSpeed configs shipped inside the package (LLaMA-Factory's examples/deepspeed, "auto" values filled in
+# by transformers from the training arguments).
+DEEPSPEED_CONFIGS = {"zero2": "ds_z2.json", "zero3": "ds_z3.json"}
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -124,6 +130,19 @@ def check_qlora_possible() -> None:
         )
 
 
+def check_deepspeed_possible(args: dict[str, Any], settings: Settings) -> None:
+    """DeepSpeed is imported by the training processes only: say here, before anything starts, when it cannot be."""
+    where = f"DEEPSPEED={settings.deepspeed}" if settings.deepspeed != "none" else (
+        f"deepspeed in LLAMAFACTORY_CONFIG={settings.llamafactory_config!r}")
+    if not Path(str(args["deepspeed"])).is_file():
+        raise ConfigError(f"{where}: {args['deepspeed']} is not a file")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"{where} needs the deepspeed package (LLaMA-Factory 0.9.3 accepts deepspeed>=0.10.0,<=0.16.9), which "
+            "is not installed here: run the project's image, which ships it, or set DEEPSPEED=none"
+        )
+
+
 def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> dict[str, Any]:
     s = settings
     args: dict[str, Any] = {
@@ -149,7 +168,10 @@ def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> di
         "report_to": "none",  # tracking is ours: tolerant of MLflow outages, one run per output
         "finetuning_type": "full" if s.finetuning_type == "full" else "lora",
         "precision": s.precision,  # resolved to bf16/fp16 flags where torch can see the device
+        "ddp_timeout": s.ddp_timeout,
     }
+    if s.deepspeed != "none":
+        args["deepspeed"] = str(DEEPSPEED_DIR / DEEPSPEED_CONFIGS[s.deepspeed])
     if s.max_samples:
         args["max_samples"] = s.max_samples
     if s.max_steps:
@@ -184,6 +206,8 @@ def build_plan(settings: Settings) -> TrainPlan:
     args.update(overrides)
     if args.get("quantization_bit") is not None and settings.finetuning_type != "full":
         check_qlora_possible()
+    if args.get("deepspeed"):
+        check_deepspeed_possible(args, settings)
     result_args = {k: v for k, v in args.items() if k not in NON_RESULT_KEYS}
     inputs = {
         "args": result_args,

@@ -26,6 +26,7 @@ DATASET_FORMATS = ("auto", "alpaca", "sharegpt")
 TRACKING_MODES = ("mlflow", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CHECKPOINT_ON_SIGTERM = ("auto", "true", "false")
+DEEPSPEED_STAGES = ("none", "zero2", "zero3")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -36,6 +37,7 @@ LR_SCHEDULERS = (
     "inverse_sqrt",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+DNS_LABEL_MAX = 63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Field:
     kind: str  # str | int | float | bool | choice | path | list
     default: str
     doc: str
-    group: str  # paths | data | training | lora | tracking | merge | vllm | runtime | job
+    group: str  # paths | data | training | lora | tracking | runtime | distributed | merge | webui | job | vllm
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
@@ -54,6 +56,9 @@ class Field:
     fingerprint: bool = False  # changes the trained result: part of the run's identity
     configmap: bool = True  # listed in the base ConfigMap (False: Secret, downward API, image)
     secret: bool = False  # never logged, never sent to MLflow
+    # Kubeflow Trainer's name for the same value (PET_*), read when this variable is unset or empty, so the
+    # image runs unchanged under a TrainJob or PyTorchJob. Precedence: this variable > the PET_ one > default.
+    kubeflow: str = ""
 
     @property
     def attr(self) -> str:
@@ -69,12 +74,17 @@ class Field:
             lo = "" if self.minimum is None else (">" if self.exclusive_minimum else ">=") + f" {_fmt(self.minimum)}"
             hi = "" if self.maximum is None else f"<= {_fmt(self.maximum)}"
             bounds = " and ".join(b for b in (lo, hi) if b)
-            return f"{word} {bounds}".strip()
+            return f"{word} {bounds}".strip() + (", or empty" if self.optional else "")
         if self.kind == "path":
             return "an absolute path"
         if self.kind == "list":
             return "a comma-separated list of names"
         return "a string"
+
+    @property
+    def optional(self) -> bool:
+        """A number without a default: empty means "not set here", and the value is derived (see _derive_topology)."""
+        return self.kind in ("int", "float") and self.default == ""
 
 
 def _fmt(number: float) -> str:
@@ -167,8 +177,31 @@ FIELDS: tuple[Field, ...] = (
     F("LOG_LEVEL", "choice", "INFO", "Log level.", "runtime", choices=LOG_LEVELS),
     F("TERMINATION_LOG_PATH", "str", "/dev/termination-log", "Where the one-line exit reason is written.",
       "runtime"),
+    # Distributed training: torchrun across the pods of components/multinode (or a Kubeflow TrainJob).
     F("NPROC_PER_NODE", "str", "auto", "Training processes per pod: auto (one per visible GPU) or a "
-      "number.", "runtime"),
+      "number.", "distributed"),
+    F("NNODES", "int", "", "Pods (nodes) that train together; components/multinode runs the Job with this many "
+      "pods. Empty: Kubeflow Trainer's PET_NNODES, else 1.", "distributed", minimum=1, maximum=1024,
+      kubeflow="PET_NNODES"),
+    F("NODE_RANK", "int", "", "This pod's node rank (0: the one that locks, tracks and marks the output). "
+      "Empty: PET_NODE_RANK, else JOB_COMPLETION_INDEX, else 0.", "distributed", minimum=0, maximum=1023,
+      configmap=False, kubeflow="PET_NODE_RANK"),
+    F("MASTER_ADDR", "str", "", "Address of node rank 0, where torchrun meets (required when NNODES > 1). "
+      "Empty: PET_MASTER_ADDR, else <JOB_NAME>-0.<MULTINODE_SERVICE>, the stable DNS name of the Indexed "
+      "Job's first pod.", "distributed", kubeflow="PET_MASTER_ADDR"),
+    F("MASTER_PORT", "int", "29500", "Port of torchrun's rendezvous on node rank 0 (when NNODES > 1). "
+      "Kubeflow Trainer's PET_MASTER_PORT applies when this is empty.", "distributed", minimum=1024,
+      maximum=65535, kubeflow="PET_MASTER_PORT"),
+    F("DDP_TIMEOUT", "int", "1800", "Seconds a rank waits for the others (pods starting late, rank 0 "
+      "tokenizing the dataset, a collective) before the attempt fails; also how long a node that vanished "
+      "without closing its connections stalls the rest.", "distributed", minimum=10, maximum=604800),
+    F("DEEPSPEED", "choice", "none", "DeepSpeed ZeRO for multi-GPU training: zero2 shards optimizer state "
+      "and gradients, zero3 also the weights (for models whose weights do not fit one GPU). Needs the "
+      "deepspeed package; always runs under torchrun.", "distributed", choices=DEEPSPEED_STAGES),
+    F("MULTINODE_SERVICE", "str", "", "Headless Service giving the training pods stable DNS names "
+      "(components/multinode); names node 0 for MASTER_ADDR.", "distributed", configmap=False),
+    F("JOB_COMPLETION_INDEX", "int", "", "Index of this pod in an Indexed Job (set by Kubernetes); "
+      "NODE_RANK defaults to it.", "distributed", minimum=0, maximum=1023, configmap=False),
     # Merge and publish.
     F("MERGE_KEEP_VERSIONS", "int", "2", "Published merged-model versions kept (the current one included).",
       "merge", minimum=1, maximum=100),
@@ -181,8 +214,9 @@ FIELDS: tuple[Field, ...] = (
       maximum=65535),
     F("WEBUI_WORKDIR", "path", "/storage/webui", "Working directory of the WebUI on NFS: its saves/, "
       "cache and config land there.", "webui"),
-    # Identity of the pod (downward API and image), used only as MLflow tags.
-    F("JOB_NAME", "str", "", "Kubernetes Job name (downward API).", "job", configmap=False),
+    # Identity of the pod (downward API and image): MLflow tags, and node 0's name in a multi-node Job.
+    F("JOB_NAME", "str", "", "Kubernetes Job name (downward API); with MULTINODE_SERVICE it names node 0.", "job",
+      configmap=False),
     F("POD_NAME", "str", "", "Pod name (downward API).", "job", configmap=False),
     F("IMAGE", "str", "", "Image reference the pod runs.", "job", configmap=False),
     # For the external vLLM (read by it, kept here so the ConfigMap documents one place).
@@ -190,7 +224,8 @@ FIELDS: tuple[Field, ...] = (
     F("MAX_MODEL_LEN", "int", "4096", "vLLM --max-model-len.", "vllm", minimum=1),
     F("TENSOR_PARALLEL_SIZE", "int", "1", "vLLM --tensor-parallel-size.", "vllm", minimum=1, maximum=64),
 )
-FIELDS_BY_ENV = {f.env: f for f in FIELDS}
+# Every variable the entrypoint reads, Kubeflow Trainer's names included, to the field it sets.
+FIELDS_BY_ENV = {**{f.kubeflow: f for f in FIELDS if f.kubeflow}, **{f.env: f for f in FIELDS}}
 
 
 def _parse(field: Field, raw: str) -> Any:
@@ -260,14 +295,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     problems: list[str] = []
     for field in FIELDS:
-        raw = env.get(field.env)
+        name, raw = field.env, env.get(field.env)
+        if _unset(raw) and field.kubeflow and not _unset(env.get(field.kubeflow)):
+            name, raw = field.kubeflow, env[field.kubeflow]
         if raw is None or (raw.strip() == "" and field.kind != "str"):
             raw = field.default
+        if field.optional and raw.strip() == "":
+            values[field.attr] = None
+            continue
         try:
             values[field.attr] = _parse(field, raw)
         except ValueError:
             shown = "<hidden>" if field.secret else repr(raw)
-            problems.append(f"{field.env}={shown} is not valid: expected {field.allowed()}")
+            problems.append(f"{name}={shown} is not valid: expected {field.allowed()}")
     for check in _CROSS_CHECKS:
         if not problems:
             message = check(values)
@@ -275,7 +315,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                 problems.append(message)
     if problems:
         raise ConfigError("; ".join(problems))
+    _derive_topology(values)
     return Settings(values)
+
+
+def _unset(raw: str | None) -> bool:
+    return raw is None or raw.strip() == ""
 
 
 def _check_nproc(values: dict[str, Any]) -> str | None:
@@ -304,6 +349,45 @@ def _check_paths_distinct(values: dict[str, Any]) -> str | None:
                 "directory of its own, outside the model and the data"
             )
     return None
+
+
+def _derive_topology(values: dict[str, Any]) -> None:
+    """Fill in what the pod did not say explicitly. Silent: only training needs a complete topology (the merge
+    Job and the WebUI read the same ConfigMap), and check_topology says what is missing."""
+    values["nnodes"] = values["nnodes"] or 1
+    if values["node_rank"] is None:
+        index = values["job_completion_index"]
+        values["node_rank"] = 0 if index is None else index
+    job, service = values["job_name"], values["multinode_service"]
+    # An Indexed Job's pods are named <job>-<index> and, with `subdomain`, resolve as <job>-<index>.<service>.
+    if not values["master_addr"] and job and service and len(f"{job}-0") <= DNS_LABEL_MAX:
+        values["master_addr"] = f"{job}-0.{service}"
+
+
+def check_topology(settings: Settings) -> None:
+    """What training needs to find its peers: a node rank below NNODES and, with several nodes, node 0's address."""
+    nnodes, rank = settings.nnodes, settings.node_rank
+    if rank >= nnodes:
+        index = settings.job_completion_index
+        raise ConfigError(
+            f"node rank {rank} (NODE_RANK, else PET_NODE_RANK, else JOB_COMPLETION_INDEX"
+            f"{'' if index is None else '=' + str(index)}) is not below NNODES={nnodes}: node ranks run from 0 to "
+            "NNODES-1, so an Indexed Job's completions must equal NNODES (components/multinode takes both from "
+            "NNODES)"
+        )
+    if nnodes == 1 or settings.master_addr:
+        return
+    job, service = settings.job_name, settings.multinode_service
+    if job and service:
+        raise ConfigError(
+            f"JOB_NAME={job!r} is too long for a multi-node Job: its pods' host names ({job}-<index>) must fit "
+            f"a {DNS_LABEL_MAX}-character DNS label; use a shorter Job name or set MASTER_ADDR"
+        )
+    raise ConfigError(
+        f"MASTER_ADDR is empty while NNODES={nnodes}: every node must reach node 0. Run the Job of "
+        "components/multinode (overlays/multinode), which derives it from JOB_NAME and MULTINODE_SERVICE; "
+        "under Kubeflow Trainer PET_MASTER_ADDR provides it; otherwise set MASTER_ADDR to node 0's address"
+    )
 
 
 _CROSS_CHECKS: tuple[Callable[[dict[str, Any]], str | None], ...] = (

@@ -130,6 +130,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.run_id: str | None = None
+        self._logged_params: set[str] = set()  # params a resumed run already has
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue(maxsize=10000)
         self._thread: threading.Thread | None = None
         self.failures = 0
@@ -143,6 +144,7 @@ class Tracker:
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run.info.run_id
+                self._logged_params = set(run.data.params)
                 log.info("MLflow: resuming run %s", self.run_id)
             except Exception as exc:  # the run was deleted, or the server was reset
                 log.warning("MLflow run %s cannot be resumed (%s): starting a new run", run_id, exc)
@@ -207,7 +209,9 @@ class Tracker:
             self.failures += 1
 
     def log_params(self, values: Mapping[str, Any]) -> None:
-        self._put("params", _params(values))
+        # A resumed run keeps what its first attempt logged: MLflow refuses to change a param, and one changed
+        # value (POD_NAME differs on every retry, MASTER_PORT may) would make it refuse the whole batch.
+        self._put("params", [(k, v) for k, v in _params(values) if k not in self._logged_params])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -34,12 +34,20 @@ SERVER_NAME = "0.0.0.0"
 CHILD_STOP_SECONDS = 8.0
 
 
+# The training Job's multi-node topology (llm-config, PET_*): LLaMA Board's runs read the same names when they
+# go through torchrun (several GPUs), but the WebUI is one pod, and would wait for nodes that never come.
+MULTINODE_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_NNODES", "PET_NODE_RANK",
+                       "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
 def prepare_environment(settings: Settings, environ: MutableMapping[str, str] = os.environ) -> None:
-    """The Gradio variables LLaMA-Factory and its child processes read; never a public share link."""
+    """The Gradio variables LLaMA-Factory and its child processes read; never a public share link; one node."""
     environ["GRADIO_SERVER_NAME"] = SERVER_NAME
     environ["GRADIO_SERVER_PORT"] = str(settings.webui_port)
     environ.pop("GRADIO_SHARE", None)
     environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    for name in MULTINODE_VARIABLES:
+        environ.pop(name, None)
 
 
 def prepare_workdir(settings: Settings) -> Path:

@@ -57,6 +57,7 @@ class JobCallback(TrainerCallback):
         self.tracker = tracker
         self.lock_lost = lock_lost
         self.stopping = False
+        self.global_step = 0
         self._last_log = (0, time.monotonic())
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -65,6 +66,7 @@ class JobCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop.in_training = False
+        self.global_step = state.global_step
 
     def _stop_everywhere(self, args: Any) -> bool:
         """All ranks must stop at the same step, or the next collective hangs: agree on the flag."""
@@ -134,11 +136,13 @@ def train(
     stop: StopFlag,
     tracker: Tracker | None = None,
     lock_lost: threading.Event | None = None,
-) -> None:
-    """Run LLaMA-Factory; returns when training and the final save finished."""
+) -> int:
+    """Run LLaMA-Factory; returns the global step reached once training and the final save finished."""
     from llamafactory.train.tuner import run_exp
 
-    run_exp(resolve_precision(lf_args), callbacks=[JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)])
+    callback = JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)
+    run_exp(resolve_precision(lf_args), callbacks=[callback])
+    return callback.global_step
 
 
 def check_args(lf_args: dict[str, Any]) -> None:
@@ -150,28 +154,88 @@ def check_args(lf_args: dict[str, Any]) -> None:
 
     args = resolve_precision(lf_args)
     args["overwrite_output_dir"] = True  # parse only: keep its resume probe away from the output
+    # LLaMA-Factory accepts DeepSpeed only inside a distributed process; the training processes parse it
+    # for real, and plan.check_deepspeed_possible has checked the file and the package.
+    args.pop("deepspeed", None)
     try:
         get_train_args(args)
     except ValueError as exc:
         raise ConfigError(f"LLaMA-Factory rejected the arguments: {exc}") from exc
 
 
+def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec every rank trains with: global rank 0's.
+
+    Node 0's launcher decided under the output lock (resume point, fresh start) and opened the MLflow run;
+    another node's launcher decided from what it saw on the storage, which can lag behind (NFS caches a
+    directory listing for up to a minute; a pod of the previous attempt may still have been finishing a
+    checkpoint). Ranks that resumed from different checkpoints would deadlock or train garbage, so the
+    arguments are taken from rank 0, over the process group that training uses anyway.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return spec
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    backend = "gloo"
+    if torch.cuda.is_available():  # what transformers would pick; NCCL needs each rank on its own GPU first
+        backend = "nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # transformers (through accelerate) reuses an initialised process group, so this timeout is the one
+    # training runs with: ddp_timeout, as LLaMA-Factory would have set it.
+    timeout = timedelta(seconds=float(spec["lf_args"].get("ddp_timeout", 1800)))
+    dist.init_process_group(backend, timeout=timeout)
+    box = [{"lf_args": spec["lf_args"], "mlflow_run_id": spec["mlflow_run_id"]}]
+    dist.broadcast_object_list(box, src=0)
+    leader = box[0]
+    if leader["lf_args"] != spec["lf_args"]:
+        changed = sorted(k for k in set(leader["lf_args"]) | set(spec["lf_args"])
+                         if leader["lf_args"].get(k) != spec["lf_args"].get(k))
+        log.warning("rank %s: this node decided differently from node 0 on %s; following node 0",
+                    os.environ.get("RANK"), ", ".join(changed))
+    return {**spec, **leader}
+
+
+def allow_cpu_index_on_load() -> None:
+    """Let a CPU run with several processes resume from a checkpoint.
+
+    accelerate gives each CPU process the device "cpu:0", and transformers loads the optimizer state with
+    map_location=that device once the world size is above 1; torch.load knows "cpu" but not "cpu:0" and
+    refuses. A storage bound for cpu:N belongs on the CPU. (On GPUs the device is "cuda:N", which torch
+    knows: this is never needed there.) Priority 99: asked only after torch's own locations.
+    """
+    import torch
+
+    torch.serialization.register_package(
+        99, lambda obj: None, lambda obj, location: obj if location.startswith("cpu:") else None)
+
+
 def main(spec_path: str) -> int:
-    """One rank under torchrun: `python -m entrypoint _worker SPEC`. Rank 0 feeds MLflow."""
+    """One rank under torchrun: `python -m entrypoint _worker SPEC`. Global rank 0 feeds MLflow; each node's
+    local rank 0 reports to that node's launcher through the result file."""
     from entrypoint.errors import exit_code_for, write_termination_log
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     stop = StopFlag()
     stop.install()
     tracker = None
-    if rank == 0 and spec.get("mlflow_run_id"):
-        tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], float(spec["mlflow_timeout"]))
-        tracker.open_run(spec["experiment"], spec["mlflow_run_id"], "", {})
+    step = None
     try:
-        train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker)
+        spec = follow_rank_zero(spec)
+        import torch
+
+        if world_size > 1 and not torch.cuda.is_available():
+            allow_cpu_index_on_load()
+        if rank == 0 and spec.get("mlflow_run_id"):
+            tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], float(spec["mlflow_timeout"]))
+            tracker.open_run(spec["experiment"], spec["mlflow_run_id"], "", {})
+        step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker)
         code, message = 0, "ok"
     except BaseException as exc:  # reported to the launcher through the result file
         code, message = int(exit_code_for(exc)), f"{type(exc).__name__}: {exc}"
@@ -179,9 +243,10 @@ def main(spec_path: str) -> int:
     finally:
         if tracker is not None:
             tracker.close(None, timeout=30)
-    if rank == 0:
-        result = Path(spec["result_path"])
-        result.write_text(json.dumps({"code": code, "message": message}), encoding="utf-8")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        Path(spec["result_path"]).write_text(json.dumps({
+            "code": code, "message": message, "rank": rank, "world_size": world_size, "global_step": step,
+        }), encoding="utf-8")
     if code:
         write_termination_log(message)
     sys.stdout.flush()

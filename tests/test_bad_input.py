@@ -3,6 +3,7 @@ termination log, and leaves nothing behind (no output, the user's data untouched
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,12 @@ def _sharegpt(storage: Storage) -> dict[str, str]:
     return {"DATASET": "chat"}
 
 
+def _deepspeed_absent(storage: Storage) -> dict[str, str]:
+    # The dev environment (requirements.lock) has no deepspeed; the image installs it (docker/Dockerfile).
+    assert importlib.util.find_spec("deepspeed") is None, "this case needs an environment without deepspeed"
+    return {"DEEPSPEED": "zero3"}
+
+
 Case = tuple[str, Callable[[Storage], dict[str, str]], str]
 CASES: list[Case] = [
     ("unknown-finetuning-type", lambda s: {"FINETUNING_TYPE": "qlora4"},
@@ -83,6 +90,12 @@ CASES: list[Case] = [
     ("yaml-unknown-key", lambda s: _yaml(s, "lora_rnak: 4\n"), "LLaMA-Factory rejected the arguments"),
     ("output-inside-model", lambda s: {"LORA_OUTPUT_PATH": str(s.base / "out")}, "overlaps BASE_MODEL_PATH"),
     ("nproc-zero", lambda s: {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE='0' is not valid"),
+    ("multinode-without-master", lambda s: {"NNODES": "2"}, "MASTER_ADDR is empty while NNODES=2"),
+    ("node-rank-beyond-nnodes", lambda s: {"NNODES": "2", "MASTER_ADDR": "node0", "JOB_COMPLETION_INDEX": "2"},
+     "is not below NNODES=2"),
+    ("deepspeed-not-installed", _deepspeed_absent, "DEEPSPEED=zero3 needs the deepspeed package"),
+    ("yaml-deepspeed-missing-file", lambda s: _yaml(s, "deepspeed: /nonexistent/ds.json\n"),
+     "/nonexistent/ds.json is not a file"),
 ]
 
 

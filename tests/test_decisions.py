@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from entrypoint.decisions import Action, OutputState, changed_keys, decide_train, observe_output
+from entrypoint.decisions import (
+    Action,
+    OutputState,
+    changed_keys,
+    checkpoint_layout_problem,
+    decide_train,
+    observe_output,
+)
 
 FP = "f" * 64
 INPUTS = {"args": {"lora_rank": 8, "template": "llama3"}, "model": {"config.json": "a"}, "data": {"x": 1}}
@@ -76,3 +83,25 @@ def test_observe_output_tells_complete_from_torn_checkpoints(tmp_path: Path):
 def test_observe_missing_output(tmp_path: Path):
     state = observe_output(tmp_path / "absent")
     assert not state.exists and state.empty
+
+
+ZERO3_16 = {"world_size": 16, "deepspeed": "ds_z3.json"}
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "refused"),
+    [
+        (None, ZERO3_16, False),  # a run.json from before layouts were recorded
+        (ZERO3_16, ZERO3_16, False),
+        ({"world_size": 16, "deepspeed": None}, {"world_size": 8, "deepspeed": None}, False),  # DDP: whole tensors
+        (ZERO3_16, {"world_size": 8, "deepspeed": "ds_z3.json"}, True),
+        (ZERO3_16, {"world_size": 16, "deepspeed": "ds_z2.json"}, True),
+        ({"world_size": 16, "deepspeed": None}, ZERO3_16, True),
+    ],
+    ids=["unknown", "same", "ddp-other-size", "zero3-other-size", "other-stage", "deepspeed-added"],
+)
+def test_deepspeed_checkpoints_resume_only_into_the_layout_that_wrote_them(previous, current, refused):
+    problem = checkpoint_layout_problem(previous, current)
+    assert (problem is not None) == refused
+    if refused:
+        assert "NNODES, GPUs per pod and DEEPSPEED it started with" in problem and "16 processes" in problem

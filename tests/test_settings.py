@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from entrypoint.errors import ConfigError
-from entrypoint.settings import FIELDS, default_configmap, load_settings, reference_markdown
+from entrypoint.settings import (
+    FIELDS,
+    FIELDS_BY_ENV,
+    check_topology,
+    default_configmap,
+    load_settings,
+    reference_markdown,
+)
 
 # The seed's ConfigMap (REFERENCE.md): users' values must carry over unchanged.
 SEED_CONFIGMAP = {
@@ -69,3 +76,97 @@ def test_reference_documents_every_field():
 def test_booleans_and_choices_are_case_insensitive():
     s = load_settings({"TRACKING": "NONE", "REPLACE_OUTPUT": "Yes", "PRECISION": "BF16"})
     assert s.tracking == "none" and s.replace_output is True and s.precision == "bf16"
+
+
+# Multi-node topology: explicit variable > Kubeflow Trainer's PET_* > derived from the Indexed Job > default.
+INDEXED_POD = {"TRACKING": "none", "NNODES": "4", "JOB_COMPLETION_INDEX": "2", "JOB_NAME": "llama-train-7b9c",
+               "MULTINODE_SERVICE": "llama-train-nodes"}
+TRAIN_JOB_POD = {"TRACKING": "none", "PET_NNODES": "3", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "tj-node-0-0.tj",
+                 "PET_MASTER_PORT": "29400", "JOB_COMPLETION_INDEX": "0"}
+
+
+def test_single_node_by_default():
+    s = load_settings({"TRACKING": "none"})
+    assert (s.nnodes, s.node_rank, s.master_addr, s.master_port) == (1, 0, "", 29500)
+    assert s.ddp_timeout == 1800 and s.deepspeed == "none"
+
+
+def test_indexed_job_pod_derives_rank_and_node_zeros_stable_name():
+    s = load_settings(INDEXED_POD)
+    assert (s.nnodes, s.node_rank, s.master_port) == (4, 2, 29500)
+    assert s.master_addr == "llama-train-7b9c-0.llama-train-nodes"
+
+
+def test_kubeflow_trainer_variables_are_used_when_ours_are_unset():
+    s = load_settings(TRAIN_JOB_POD)
+    # PET_NODE_RANK wins over the JobSet's own JOB_COMPLETION_INDEX (a TrainJob may number its pods otherwise).
+    assert (s.nnodes, s.node_rank, s.master_addr, s.master_port) == (3, 1, "tj-node-0-0.tj", 29400)
+
+
+def test_explicit_variables_win_over_kubeflow_and_derived_values():
+    s = load_settings({**INDEXED_POD, **TRAIN_JOB_POD, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.7",
+                       "MASTER_PORT": "23456"})
+    assert (s.nnodes, s.node_rank, s.master_addr, s.master_port) == (2, 0, "10.0.0.7", 23456)
+
+
+def test_empty_values_count_as_unset():
+    # The base ConfigMap carries NNODES= and MASTER_ADDR= (empty): they must not hide PET_* or the derivation.
+    s = load_settings({**TRAIN_JOB_POD, "NNODES": "", "MASTER_ADDR": " ", "MASTER_PORT": ""})
+    assert (s.nnodes, s.master_addr, s.master_port) == (3, "tj-node-0-0.tj", 29400)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NNODES": "2"}, "MASTER_ADDR is empty while NNODES=2"),
+        ({"NNODES": "2", "JOB_NAME": "llama-train-x"}, "MASTER_ADDR is empty while NNODES=2"),
+        ({**INDEXED_POD, "JOB_COMPLETION_INDEX": "4"}, "JOB_COMPLETION_INDEX=4) is not below NNODES=4"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "a"}, "node rank 2 (NODE_RANK, else"),
+        ({"JOB_COMPLETION_INDEX": "1"}, "is not below NNODES=1"),
+        ({**INDEXED_POD, "JOB_NAME": "j" * 62}, "too long for a multi-node Job"),
+    ],
+    ids=["no-master", "no-service", "index-beyond-nnodes", "rank-beyond-nnodes", "indexed-but-single-node",
+         "long-job-name"],
+)
+def test_training_topology_errors_name_the_variable_and_the_way_out(env, message):
+    settings = load_settings({"TRACKING": "none", **env})
+    with pytest.raises(ConfigError) as err:
+        check_topology(settings)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PET_NNODES": "two"}, "PET_NNODES='two' is not valid: expected an integer >= 1 and <= 1024, or empty"),
+        ({"NNODES": "0"}, "NNODES='0' is not valid"),
+        ({"MASTER_PORT": "80"}, "MASTER_PORT='80' is not valid: expected an integer >= 1024 and <= 65535"),
+        ({"DEEPSPEED": "zero1"}, "DEEPSPEED='zero1' is not valid: expected one of none, zero2, zero3"),
+        ({"DDP_TIMEOUT": "1"}, "DDP_TIMEOUT='1' is not valid"),
+    ],
+    ids=["pet-not-a-number", "zero-nodes", "privileged-port", "zero1", "timeout-too-short"],
+)
+def test_distributed_values_are_validated_like_every_other(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings({"TRACKING": "none", **env})
+    assert message in str(err.value)
+
+
+def test_a_multinode_config_still_serves_the_merge_and_the_webui():
+    """Their pods read the same ConfigMap (NNODES=2) but are no Indexed Job: only training needs the topology."""
+    s = load_settings({"TRACKING": "none", "NNODES": "2", "JOB_NAME": "llama-merge-7b9c"})
+    assert s.nnodes == 2 and s.master_addr == ""
+
+
+def test_pod_provided_topology_stays_out_of_the_configmap():
+    cm = default_configmap()
+    assert cm["NNODES"] == "" and cm["MASTER_ADDR"] == "", "a value here would hide PET_* and the derivation"
+    assert {"NODE_RANK", "JOB_COMPLETION_INDEX", "MULTINODE_SERVICE"}.isdisjoint(cm)
+
+
+def test_kubeflow_names_are_declared_with_the_field_they_set():
+    assert {name: FIELDS_BY_ENV[name].env for name in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                                                       "PET_MASTER_PORT")} == {
+        "PET_NNODES": "NNODES", "PET_NODE_RANK": "NODE_RANK", "PET_MASTER_ADDR": "MASTER_ADDR",
+        "PET_MASTER_PORT": "MASTER_PORT"}
+    assert "PET_NNODES" in reference_markdown(), "the reference tells users which Kubeflow name stands in"

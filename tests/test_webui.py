@@ -105,7 +105,8 @@ def test_workdir_links_the_datasets_but_keeps_a_data_dir_of_its_own(tmp_path: Pa
     prepare_workdir(kept)
     assert not (own / "data").is_symlink()
 
-    environ = {"GRADIO_SHARE": "1"}
+    # From a multi-node overlay's llm-config: LLaMA Board's own torchrun would wait for a second node.
+    environ = {"GRADIO_SHARE": "1", "NNODES": "2", "MASTER_ADDR": "", "MASTER_PORT": "29500"}
     prepare_environment(fresh, environ)
     assert environ == {
         "GRADIO_SERVER_NAME": "0.0.0.0",

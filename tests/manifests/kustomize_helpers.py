@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_DIR = Path(__file__).resolve().parent / "expected"
-OVERLAYS = ("gpu", "prod", "dev")
+OVERLAYS = ("gpu", "prod", "dev", "multinode")
 KUSTOMIZE_DIRS = ("base", "components", "overlays")
 # Oldest and newest Kubernetes minors we support. 1.31 is the first with podFailurePolicy GA (the Jobs
 # depend on it); 1.37 is the newest schema kubernetes-validate ships. GKE's channels lie in between.
@@ -56,6 +56,12 @@ def copy_tree(dest: Path) -> Path:
     for example in (dest / "overlays").glob("*/mlflow.env.example"):
         shutil.copyfile(example, example.with_name("mlflow.env"))
     return dest
+
+
+def uses_component(overlay: str, component: str) -> bool:
+    """Whether overlays/<overlay> includes components/<component>."""
+    kustomization = yaml.safe_load((REPO / "overlays" / overlay / "kustomization.yaml").read_text())
+    return f"../../components/{component}" in kustomization.get("components", [])
 
 
 def render(path: Path) -> str:

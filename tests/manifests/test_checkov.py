@@ -14,9 +14,9 @@ from kustomize_helpers import OVERLAYS, checkov, copy_tree, kubectl, pod_specs
 # The only checks skipped, and where; each reason is in the skip annotation itself (base/*.yaml).
 ALLOWED_SKIPS = {
     # Secrets as env vars: the MLflow client reads its URI and credentials from the environment only.
-    "CKV_K8S_35": {"base", "gpu", "prod", "dev"},
-    # Image digest: the gpu and dev overlays deploy release tags; prod pins a digest.
-    "CKV_K8S_43": {"base", "gpu", "dev"},
+    "CKV_K8S_35": {"base", "gpu", "prod", "dev", "multinode"},
+    # Image digest: the gpu, dev and multinode overlays deploy release tags; prod pins a digest.
+    "CKV_K8S_43": {"base", "gpu", "dev", "multinode"},
 }
 SKIP_ANNOTATION = re.compile(r"checkov\.io/skip\d+")
 

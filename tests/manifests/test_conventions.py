@@ -46,7 +46,8 @@ def _listed_files(directory: Path, kustomization: dict) -> set[Path]:
 
 def test_every_kustomization_is_found() -> None:
     names = {str(p.parent.relative_to(REPO)) for p in KUSTOMIZATIONS}
-    assert {"base", "components/gpu", "components/job-identity", "components/filestore"} <= names
+    assert {"base", "components/gpu", "components/job-identity", "components/filestore",
+            "components/multinode"} <= names
     assert {f"overlays/{o}" for o in OVERLAYS} <= names
 
 

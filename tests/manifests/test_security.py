@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from kustomize_helpers import OVERLAYS, containers, env_of, find, one, pod_specs
+from kustomize_helpers import OVERLAYS, containers, env_of, find, one, pod_specs, uses_component
 from pod_security import restricted_violations
 
 
@@ -123,6 +123,16 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay:
         # Only pods of this namespace: no namespaceSelector, no ipBlock.
         assert [set(peer) for peer in rule["from"]] == [{"podSelector"}]
         assert [p["port"] for p in rule["ports"]] == ["http"]
+
+    # Between training pods only, on every port (the process group's ports are picked by the kernel).
+    nodes = policies.pop("allow-train-nodes", None)
+    assert (nodes is not None) == uses_component(overlay, "multinode")
+    if nodes is not None:
+        train = {"app.kubernetes.io/name": "llama-factory", "app.kubernetes.io/component": "train"}
+        assert nodes["podSelector"] == {"matchLabels": train}
+        assert sorted(nodes["policyTypes"]) == ["Egress", "Ingress"]
+        assert nodes["ingress"] == [{"from": [{"podSelector": {"matchLabels": train}}]}]
+        assert nodes["egress"] == [{"to": [{"podSelector": {"matchLabels": train}}]}]
 
     egress_ports = set()
     for name, spec in policies.items():

@@ -68,6 +68,7 @@ def test_gpu_settings_only_on_training_and_webui(overlay: str, docs: dict) -> No
         ("gpu", 1, None),
         ("prod", 8, "nvidia-h100-80gb"),
         ("dev", 1, "nvidia-l4"),
+        ("multinode", 8, "nvidia-h100-80gb"),
     ],
 )
 def test_gpu_count_and_type_per_overlay(overlay: str, gpus: int, accelerator: str | None, docs: dict) -> None:
@@ -98,7 +99,9 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     # Retriable codes must not be caught by a FailJob rule.
     for code in (ExitCode.INTERNAL, ExitCode.TEMPORARY, ExitCode.INTERRUPTED):
         assert all(int(code) not in r.get("onExitCodes", {}).get("values", []) for r in rules)
-    assert spec["backoffLimit"] >= 1
+    # A multi-node Job counts retries per index (components/multinode), any other Job for the whole Job.
+    retries = spec["backoffLimitPerIndex"] if spec.get("completionMode") == "Indexed" else spec["backoffLimit"]
+    assert retries >= 1
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 3600, "keep finished Jobs long enough to read their logs"
     # GKE spot VMs give pods 15 s after SIGTERM: a longer grace would not hold there.
@@ -139,7 +142,7 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
-    service = one(docs[overlay], "Service")
+    service = one(docs[overlay], "Service", "webui")
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 7860, "targetPort": "http", "protocol": "TCP"}
     ]
