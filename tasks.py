@@ -8,7 +8,7 @@ from invoke import Context, task
 
 from k8s_tasks import actions
 
-ENV_HELP = "overlay to use: dev, gpu or prod (overlays/<env>)"
+ENV_HELP = "overlay to use: dev, gpu, prod or multinode (overlays/<env>)"
 DRY_RUN_HELP = "print the exact commands (and files) it would run or write, and change nothing"
 
 

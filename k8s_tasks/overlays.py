@@ -21,7 +21,7 @@ from k8s_tasks.image import PLACEHOLDER, ImageRef
 from k8s_tasks.plan import WriteFile
 from k8s_tasks.tools import REPO, require_tool
 
-ENVS = ("dev", "gpu", "prod")
+ENVS = ("dev", "gpu", "prod", "multinode")
 NAMESPACE = "llm-training"
 KUSTOMIZE_DIRS = ("base", "components", "overlays")
 COMPONENT_LABEL = "app.kubernetes.io/component"

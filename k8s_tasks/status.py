@@ -164,7 +164,7 @@ def render_status(cluster: Cluster, now: datetime) -> str:
     lines += ["", "WEBUI"]
     deployment = cluster.deployment(WEBUI)
     if deployment is None:
-        lines.append("  not deployed: `invoke deploy --env=<dev|gpu|prod> --component webui`")
+        lines.append("  not deployed: `invoke deploy --env=<dev|gpu|prod|multinode> --component webui`")
     else:
         ready = deployment.status.ready_replicas or 0
         wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1

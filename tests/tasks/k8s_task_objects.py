@@ -16,6 +16,7 @@ DEPLOYED = {
     "dev": ImageRef(REGISTRY, tag="0123456789ab"),
     "gpu": ImageRef(REGISTRY, tag="0123456789ab-dirty"),
     "prod": ImageRef(REGISTRY, tag="0123456789ab", digest="sha256:" + "ab" * 32),
+    "multinode": ImageRef(REGISTRY, tag="0123456789ab"),
 }
 # Kinds the fake cluster answers for; deploy never applies Jobs.
 DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment")

@@ -173,10 +173,11 @@ def test_ui_port_forwards(env: str, tree: Path) -> None:
 
 
 def test_ui_mlflow_finds_the_only_env_file(tree: Path) -> None:
-    with pytest.raises(Exit, match=r"ui mlflow needs --env: .*\(found for dev, gpu, prod\)"):
+    with pytest.raises(Exit, match=r"ui mlflow needs --env: .*\(found for dev, gpu, prod, multinode\)"):
         plan_ui("mlflow", root=tree)
     (tree / "overlays/prod/mlflow.env").unlink()
     (tree / "overlays/gpu/mlflow.env").unlink()
+    (tree / "overlays/multinode/mlflow.env").unlink()
     assert plan_ui("mlflow", root=tree).commands() == [
         ["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
 

@@ -104,4 +104,4 @@ def test_log_progress_ignores_unrelated_lines() -> None:
 def test_an_empty_namespace_says_how_to_start() -> None:
     text = render_status(FakeCluster([]), NOW)
     assert "none: `invoke train --env=...` starts one" in text
-    assert "not deployed: `invoke deploy --env=<dev|gpu|prod> --component webui`" in text
+    assert "not deployed: `invoke deploy --env=<dev|gpu|prod|multinode> --component webui`" in text
