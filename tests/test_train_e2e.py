@@ -75,14 +75,14 @@ def test_train_marks_complete_tracks_mlflow_and_rerun_skips_without_heavy_import
 
 def test_sigterm_checkpoints_and_rerun_resumes_in_the_same_mlflow_run(storage: Storage, mlflow_server, tmp_path):
     env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME="e2e-resume",
-                      MAX_STEPS="120", SAVE_STEPS="1000", LOGGING_STEPS="2")
+                      MAX_STEPS="200", SAVE_STEPS="1000", LOGGING_STEPS="2")
     proc = start_entrypoint("train", env, tmp_path / "first.log")
     seen = wait_for_steps(storage.output, 10, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == ExitCode.INTERRUPTED, (tmp_path / "first.log").read_text()[-3000:]
 
     checkpoints = sorted(int(p.name.split("-")[1]) for p in storage.output.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and seen <= checkpoints[0] < 120, "the SIGTERM checkpoint is missing"
+    assert len(checkpoints) == 1 and seen <= checkpoints[0] < 200, "the SIGTERM checkpoint is missing"
     assert storage.marker() is None, "an interrupted run must never look complete"
     assert not (storage.output / "adapter_model.safetensors").exists(), "final weights written on SIGTERM"
     run_id = json.loads((storage.output / ".job" / "run.json").read_text())["mlflow_run_id"]
@@ -97,18 +97,21 @@ def test_sigterm_checkpoints_and_rerun_resumes_in_the_same_mlflow_run(storage: S
     run = mlflow_server.client().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
     steps = [m.step for m in mlflow_server.client().get_metric_history(run_id, "loss")]
-    assert min(steps) <= checkpoints[0] < max(steps) == 120, "metrics of both attempts belong to one run"
+    assert min(steps) <= checkpoints[0] < max(steps) == 200, "metrics of both attempts belong to one run"
     state = json.loads((storage.output / "trainer_state.json").read_text())
-    assert state["global_step"] == 120
+    assert state["global_step"] == 200
 
 
 def test_second_run_on_the_same_output_waits_then_gives_up_without_harm(storage: Storage, tmp_path):
-    # Long steps (16 micro-batches each): the first run must outlast the second one's start-up.
-    slow = {"MAX_STEPS": "40", "SAVE_STEPS": "20", "GRADIENT_ACCUMULATION": "16", "LOGGING_STEPS": "1"}
-    env = storage.env(**slow)
+    env = storage.env(MAX_STEPS="200", SAVE_STEPS="100")
     first = start_entrypoint("train", env, tmp_path / "first.log")
     wait_for_steps(storage.output, 1, first)
-    second = run_entrypoint("train", storage.env(LOCK_WAIT_SECONDS="2", **slow))
+    # Frozen, the first run keeps its lock (live process, unexpired) however fast or slow this machine is.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run_entrypoint("train", storage.env(MAX_STEPS="200", SAVE_STEPS="100", LOCK_WAIT_SECONDS="2"))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == ExitCode.TEMPORARY, second.stderr[-2000:]
     assert "being written by another run" in second.stderr
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
@@ -137,7 +140,7 @@ def test_changed_config_is_refused_and_replace_moves_the_old_output_aside(storag
 def test_mlflow_dying_mid_run_does_not_lose_the_training(storage: Storage, tmp_path):
     server = start_mlflow(tmp_path / "doomed-mlflow")
     try:
-        env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=server.uri, MAX_STEPS="120", SAVE_STEPS="100",
+        env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=server.uri, MAX_STEPS="200", SAVE_STEPS="100",
                           LOGGING_STEPS="2", MLFLOW_TIMEOUT_SECONDS="2")
         proc = start_entrypoint("train", env, tmp_path / "train.log")
         wait_for_steps(storage.output, 10, proc)
@@ -180,13 +183,13 @@ def test_mlflow_unreachable_at_start_fails_fast_with_the_retriable_code(storage:
 
 
 def test_interrupted_before_first_checkpoint_restarts_cleanly(storage: Storage, tmp_path: Path):
-    env = storage.env(MAX_STEPS="120", SAVE_STEPS="1000", CHECKPOINT_ON_SIGTERM="false")
+    env = storage.env(MAX_STEPS="200", SAVE_STEPS="1000", CHECKPOINT_ON_SIGTERM="false")
     proc = start_entrypoint("train", env, tmp_path / "first.log")
     wait_for_steps(storage.output, 5, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == ExitCode.INTERRUPTED
     assert not list(storage.output.glob("checkpoint-*")) and storage.marker() is None
-    again = run_entrypoint("train", storage.env(MAX_STEPS="120", SAVE_STEPS="1000"))
+    again = run_entrypoint("train", storage.env(MAX_STEPS="200", SAVE_STEPS="1000"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "starting over" in again.stderr
     assert storage.marker() is not None
