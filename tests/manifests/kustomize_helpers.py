@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from k8s_tasks import overlays
+
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_DIR = Path(__file__).resolve().parent / "expected"
 OVERLAYS = ("gpu", "prod", "dev", "multinode")
-KUSTOMIZE_DIRS = ("base", "components", "overlays")
+KUSTOMIZE_DIRS = overlays.KUSTOMIZE_DIRS
 # Oldest and newest Kubernetes minors we support. 1.31 is the first with podFailurePolicy GA (the Jobs
 # depend on it); 1.37 is the newest schema kubernetes-validate ships. GKE's channels lie in between.
 K8S_MINORS = ("1.31", "1.37")
@@ -50,12 +52,9 @@ def checkov() -> str:
 
 
 def copy_tree(dest: Path) -> Path:
-    """Copy the kustomize directories to dest, with each overlay's mlflow.env made from its example."""
-    for name in KUSTOMIZE_DIRS:
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("mlflow.env"))
-    for example in (dest / "overlays").glob("*/mlflow.env.example"):
-        shutil.copyfile(example, example.with_name("mlflow.env"))
-    return dest
+    """The kustomize directories copied to dest, each overlay's mlflow.env made from its example (the
+    tasks' own helper: tests render exactly what `invoke deploy` and `invoke validate` render)."""
+    return overlays.copy_tree(dest, REPO)
 
 
 def uses_component(overlay: str, component: str) -> bool:
