@@ -28,7 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m entrypoint", description=__doc__)
+    parser = _Parser(
+        prog="python -m entrypoint",
+        description="The llama-factory-train image's commands. Configuration comes from the environment "
+        "(`python -m entrypoint config` lists every variable).",
+        epilog="Exit codes: 0 done or skipped; 1 unexpected (retriable); 75 temporarily unavailable (retriable); "
+        "78 configuration or input error (not retried); 143 interrupted by SIGTERM (the rerun resumes).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
