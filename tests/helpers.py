@@ -137,17 +137,17 @@ def start_entrypoint(command: str, env: dict[str, str], log_path: Path) -> subpr
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_steps(output: Path, steps: int, proc: subprocess.Popen, timeout: float = 180) -> int:
-    """Block until trainer_log.jsonl reports at least `steps` steps; return the step seen."""
+def wait_for_steps(output: Path, steps: int, *procs: subprocess.Popen, timeout: float = 240) -> int:
+    """Block until trainer_log.jsonl reports at least `steps` steps while every proc runs; return the step."""
     log = output / "trainer_log.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "training ended before reaching the awaited step"
+        assert all(p.poll() is None for p in procs), "a process ended before reaching the awaited step"
         if log.exists():
             lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             if lines and lines[-1]["current_steps"] >= steps:
                 return lines[-1]["current_steps"]
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"no step {steps} within {timeout}s")
 
 

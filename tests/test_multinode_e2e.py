@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Storage, free_port, run_entrypoint, snapshot, start_entrypoint
+from helpers import Storage, free_port, run_entrypoint, snapshot, start_entrypoint, wait_for_steps
 
 from entrypoint.decisions import observe_output
 from entrypoint.errors import ExitCode
@@ -69,19 +69,6 @@ def _log(logs: Path, name: str, rank: int) -> str:
     return (logs / f"{name}-{rank}.log").read_text()
 
 
-def _wait_for_step(output: Path, step: int, procs: list[subprocess.Popen], timeout: float = 240) -> int:
-    log = output / "trainer_log.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), "a node ended before the awaited step"
-        if log.exists():
-            lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            if lines and lines[-1]["current_steps"] >= step:
-                return lines[-1]["current_steps"]
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
 def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resume(
     storage: Storage, mlflow_server, tmp_path: Path
 ):
@@ -89,7 +76,7 @@ def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resum
 
     # Attempt 1: both nodes train together until one rank is killed (an OOM kill, a crashed process).
     with _nodes(storage, mlflow_server.uri, tmp_path, "first") as (node0, node1):
-        _wait_for_step(storage.output, SAVE_STEPS + 3, [node0, node1])
+        wait_for_steps(storage.output, SAVE_STEPS + 3, node0, node1)
         (torchrun,) = [p for p in _descendants(node1.pid) if "torch.distributed.run" in p.cmdline()]
         (rank1,) = torchrun.children()
         rank1.send_signal(signal.SIGKILL)
