@@ -25,6 +25,21 @@ class ExitCode(enum.IntEnum):
     CONFIG = 78  # configuration or input error: retrying cannot help, the Job fails at once
     INTERRUPTED = 143  # stopped by SIGTERM (preemption, pod deletion): retriable, the rerun resumes
 
+    @property
+    def meaning(self) -> str:
+        """What the code tells a user after a run: the one text the CLI epilog, `invoke status` and the
+        README's table show."""
+        return EXIT_MEANINGS[self]
+
+
+EXIT_MEANINGS = {
+    ExitCode.OK: "done, or skipped because the same work was already complete",
+    ExitCode.INTERNAL: "unexpected failure (retried up to backoffLimit)",
+    ExitCode.TEMPORARY: "a dependency was unavailable (MLflow unreachable, output locked): retried",
+    ExitCode.CONFIG: "configuration or input error: retrying cannot help, the Job fails at once",
+    ExitCode.INTERRUPTED: "stopped by SIGTERM after saving a checkpoint: retried, the rerun resumes",
+}
+
 
 class EntrypointError(Exception):
     """A failure with a known cause; its message is shown to the user as is."""

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -400,6 +401,27 @@ _CROSS_CHECKS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
 def default_configmap() -> dict[str, str]:
     """The ConfigMap data this table implies (what base/ must carry)."""
     return {f.env: f.default for f in FIELDS if f.configmap}
+
+
+def configmap_env_text() -> str:
+    """base/llm-config.env as entrypoint/settings.py's FIELDS defines it: defaults, each with its comment."""
+    lines = [
+        "# The unified configuration (ConfigMap llm-config): every variable the entrypoint reads, with",
+        "# its default. GENERATED from entrypoint/settings.py (FIELDS); do not edit by hand. After changing",
+        "# FIELDS run `UPDATE_EXPECTED=1 pytest tests/manifests` and review the diff.",
+        "# Overlays change values with a configMapGenerator `behavior: merge` entry.",
+    ]
+    group = None
+    for field in FIELDS:
+        if not field.configmap:
+            continue
+        if field.group != group:
+            group = field.group
+            lines += ["", f"# --- {group} ---"]
+        comment = f"{field.doc} Allowed: {field.allowed()}."
+        lines += textwrap.wrap(comment, width=108, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"{field.env}={field.default}")
+    return "\n".join(lines) + "\n"
 
 
 def reference_markdown() -> str:

@@ -198,6 +198,15 @@ def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, **leader}
 
 
+def leave_process_group() -> None:
+    """Destroy the process group, if any, before the process exits: a gloo group still alive at interpreter
+    exit can abort it ("terminate called without an active exception", exit -6) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def allow_cpu_index_on_load() -> None:
     """Let a CPU run with several processes resume from a checkpoint.
 
@@ -243,6 +252,8 @@ def main(spec_path: str) -> int:
     finally:
         if tracker is not None:
             tracker.close(None, timeout=30)
+        if code == 0:
+            leave_process_group()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         Path(spec["result_path"]).write_text(json.dumps({
             "code": code, "message": message, "rank": rank, "world_size": world_size, "global_step": step,

@@ -6,16 +6,8 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from entrypoint.errors import ExitCode
+from entrypoint.errors import EXIT_MEANINGS, ExitCode
 
-# The entrypoint's exit-code contract (README "Exit codes"), as the user reads it after a run.
-EXIT_MEANINGS = {
-    ExitCode.OK: "done, or skipped because the same work was already complete",
-    ExitCode.INTERNAL: "unexpected failure (retried up to backoffLimit)",
-    ExitCode.TEMPORARY: "a dependency was unavailable (MLflow unreachable, output locked): retried",
-    ExitCode.CONFIG: "configuration or input error: retrying cannot help, the Job fails at once",
-    ExitCode.INTERRUPTED: "stopped by SIGTERM after saving a checkpoint: retried, the rerun resumes",
-}
 # Waiting reasons that do not go away by waiting: a follower stops on them after a while.
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")

@@ -16,6 +16,9 @@ PROBE = (
     "setup_logging('INFO')\n"
     "spec = json.loads(sys.argv[1])\n"
     "print(json.dumps(follow_rank_zero(spec)))\n"
+    # As worker.main does: leave the group before exiting, or gloo's threads can abort the interpreter.
+    "from entrypoint.worker import leave_process_group\n"
+    "leave_process_group()\n"
 )
 
 

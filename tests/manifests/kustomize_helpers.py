@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,23 +120,6 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def llm_config_env_text() -> str:
-    """base/llm-config.env as entrypoint/settings.py's FIELDS defines it: defaults, each with its comment."""
-    from entrypoint.settings import FIELDS
+    from entrypoint.settings import configmap_env_text
 
-    lines = [
-        "# The unified configuration (ConfigMap llm-config): every variable the entrypoint reads, with",
-        "# its default. GENERATED from entrypoint/settings.py (FIELDS); do not edit by hand. After changing",
-        "# FIELDS run `UPDATE_EXPECTED=1 pytest tests/manifests` and review the diff.",
-        "# Overlays change values with a configMapGenerator `behavior: merge` entry.",
-    ]
-    group = None
-    for field in FIELDS:
-        if not field.configmap:
-            continue
-        if field.group != group:
-            group = field.group
-            lines += ["", f"# --- {group} ---"]
-        comment = f"{field.doc} Allowed: {field.allowed()}."
-        lines += textwrap.wrap(comment, width=108, initial_indent="# ", subsequent_indent="# ")
-        lines.append(f"{field.env}={field.default}")
-    return "\n".join(lines) + "\n"
+    return configmap_env_text()
