@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 from entrypoint import datasets
-from entrypoint.decisions import Action
+from entrypoint.decisions import Action, decide
 from entrypoint.errors import ConfigError
 from entrypoint.plan import build_plan
 from entrypoint.settings import Settings, check_topology
-from entrypoint.train import decide
 
 
 def run(settings: Settings) -> int:

@@ -11,9 +11,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from entrypoint.storage import MARKER, RUN_FILE, STATE_DIR, read_json
+from entrypoint.files import read_json
+from entrypoint.storage import MARKER, RUN_FILE, STATE_DIR
+
+if TYPE_CHECKING:
+    from entrypoint.plan import TrainPlan
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -121,6 +125,12 @@ def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, r
         "or set REPLACE_OUTPUT=true to move the old output aside (renamed, not deleted) and train anew",
         changed=changed,
     )
+
+
+def decide(plan: TrainPlan) -> Decision:
+    """The decision for a training plan, from what its output directory holds now."""
+    return decide_train(plan.fingerprint, plan.fingerprint_inputs, observe_output(plan.output),
+                        plan.settings.replace_output)
 
 
 def checkpoint_layout_problem(previous: dict[str, Any] | None, current: dict[str, Any]) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import sys
 
 log = logging.getLogger("entrypoint")
@@ -65,14 +64,18 @@ class Interrupted(EntrypointError):
     exit_code = ExitCode.INTERRUPTED
 
 
-def termination_log_path(env: dict[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    return env.get("TERMINATION_LOG_PATH") or DEFAULT_TERMINATION_LOG
+_termination_log = DEFAULT_TERMINATION_LOG
+
+
+def set_termination_log(path: str) -> None:
+    """Where the one-line reason goes (TERMINATION_LOG_PATH, set by the CLI before anything can fail)."""
+    global _termination_log
+    _termination_log = path or DEFAULT_TERMINATION_LOG
 
 
 def write_termination_log(message: str, path: str | None = None) -> None:
     """Write a one-line reason where Kubernetes picks it up; never fail because of it."""
-    path = path or termination_log_path()
+    path = path or _termination_log
     line = " ".join(message.split())[:4000]
     try:
         with open(path, "w", encoding="utf-8") as fh:

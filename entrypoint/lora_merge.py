@@ -21,22 +21,15 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from entrypoint.errors import ConfigError
-from entrypoint.lora_inputs import (
-    AdapterConfig,
-    BaseModel,
-    added_tokens,
-    has_tokenizer,
-    parse_adapter_key,
-    read_adapter,
-    read_base_model,
-)
+from entrypoint.files import fsync_path
+from entrypoint.lora_inputs import AdapterConfig, parse_adapter_key, read_adapter
+from entrypoint.model_dir import BaseModel, added_tokens, has_tokenizer, read_base_model
 from entrypoint.safetensors_stream import (
     FileHeader,
     TensorEntry,
@@ -44,7 +37,6 @@ from entrypoint.safetensors_stream import (
     encode_header,
     write_all,
 )
-from entrypoint.storage import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +76,6 @@ class MergeResult:
     shards: int
     tensors_merged: int  # base tensors changed by the adapter (0 when copying a full fine-tune)
     dtype: str  # the weights' dtype (the one holding most bytes), e.g. "bfloat16"
-    wall_seconds: float
     copied_files: tuple[str, ...]  # non-weight files taken from the base: config, tokenizer, ...
 
 
@@ -110,7 +101,6 @@ def merge_adapter(
 
     Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly.
     """
-    started = time.monotonic()
     if not out_dir.is_dir() or any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} must be an existing empty directory")
     base = read_base_model(base_dir)
@@ -143,7 +133,6 @@ def merge_adapter(
         shards=len(base.shards),
         tensors_merged=len(updates),
         dtype=_main_dtype(base),
-        wall_seconds=time.monotonic() - started,
         copied_files=tuple(copied),
     )
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.errors import TemporaryFailure
+from entrypoint.files import atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger("entrypoint")
 
@@ -31,50 +32,6 @@ STATE_DIR = ".job"  # our bookkeeping inside an output directory
 MARKER = "COMPLETE.json"
 TAKEOVER_GUARD_TTL = 30.0
 RUN_FILE = "run.json"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; rename is still atomic there
-    finally:
-        os.close(fd)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file (or a directory's entries) by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when the file is absent or unreadable (a torn write counts as absent)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def state_dir(output: Path) -> Path:
@@ -89,8 +46,9 @@ def write_marker(output: Path, data: dict[str, Any]) -> None:
     atomic_write_json(state_dir(output) / MARKER, data)
 
 
-def owner_id() -> str:
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}:{os.getpid()}"
+def owner_id(pod_name: str = "") -> str:
+    """Who holds a lock: the pod (POD_NAME from the downward API) or, outside a pod, the host; and the process."""
+    return f"{pod_name or socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass

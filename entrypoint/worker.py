@@ -1,4 +1,5 @@
-"""The training process itself: LLaMA-Factory's run_exp with our callback, in one process or per rank.
+"""Running the training: the launcher (in this process, or torchrun across processes and nodes) and the
+training process itself (LLaMA-Factory's run_exp with our callback).
 
 Imported only once the decision is to train: this is where torch, transformers and llamafactory load.
 """
@@ -9,16 +10,24 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from entrypoint.errors import Interrupted, TemporaryFailure
-from entrypoint.tracking import Tracker
+from entrypoint.errors import ConfigError, EntrypointError, ExitCode, Interrupted, TemporaryFailure
+from entrypoint.files import atomic_write_json, read_json
+from entrypoint.settings import Settings, process_env
+from entrypoint.tracking import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from entrypoint.decisions import Decision
+    from entrypoint.plan import TrainPlan
 
 log = logging.getLogger("entrypoint")
 
@@ -49,7 +58,7 @@ class JobCallback(TrainerCallback):
         self,
         stop: StopFlag,
         checkpoint_on_stop: bool,
-        tracker: Tracker | None = None,
+        tracker: Tracker | NullTracker,
         lock_lost: threading.Event | None = None,
     ) -> None:
         self.stop = stop
@@ -101,7 +110,7 @@ class JobCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.tracker is None or not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero or not logs:
             return control
         metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         step0, t0 = self._last_log
@@ -134,7 +143,7 @@ def train(
     lf_args: dict[str, Any],
     checkpoint_on_stop: bool,
     stop: StopFlag,
-    tracker: Tracker | None = None,
+    tracker: Tracker | NullTracker,
     lock_lost: threading.Event | None = None,
 ) -> int:
     """Run LLaMA-Factory; returns the global step reached once training and the final save finished."""
@@ -172,7 +181,8 @@ def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:
     checkpoint). Ranks that resumed from different checkpoints would deadlock or train garbage, so the
     arguments are taken from rank 0, over the process group that training uses anyway.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    proc = process_env()
+    if proc.world_size == 1:
         return spec
     from datetime import timedelta
 
@@ -182,7 +192,7 @@ def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:
     backend = "gloo"
     if torch.cuda.is_available():  # what transformers would pick; NCCL needs each rank on its own GPU first
         backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(proc.local_rank)
     # transformers (through accelerate) reuses an initialised process group, so this timeout is the one
     # training runs with: ddp_timeout, as LLaMA-Factory would have set it.
     timeout = timedelta(seconds=float(spec["lf_args"].get("ddp_timeout", 1800)))
@@ -194,7 +204,7 @@ def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:
         changed = sorted(k for k in set(leader["lf_args"]) | set(spec["lf_args"])
                          if leader["lf_args"].get(k) != spec["lf_args"].get(k))
         log.warning("rank %s: this node decided differently from node 0 on %s; following node 0",
-                    os.environ.get("RANK"), ", ".join(changed))
+                    proc.rank, ", ".join(changed))
     return {**spec, **leader}
 
 
@@ -221,44 +231,143 @@ def allow_cpu_index_on_load() -> None:
         99, lambda obj: None, lambda obj, location: obj if location.startswith("cpu:") else None)
 
 
-def main(spec_path: str) -> int:
+def main(spec_path: str, settings: Settings) -> int:
     """One rank under torchrun: `python -m entrypoint _worker SPEC`. Global rank 0 feeds MLflow; each node's
     local rank 0 reports to that node's launcher through the result file."""
     from entrypoint.errors import exit_code_for, write_termination_log
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if rank != 0:
+    proc = process_env()
+    if proc.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     stop = StopFlag()
     stop.install()
-    tracker = None
+    tracker: Tracker | NullTracker = NullTracker()
     step = None
     try:
         spec = follow_rank_zero(spec)
         import torch
 
-        if world_size > 1 and not torch.cuda.is_available():
+        if proc.world_size > 1 and not torch.cuda.is_available():
             allow_cpu_index_on_load()
-        if rank == 0 and spec.get("mlflow_run_id"):
-            tracker = Tracker(os.environ["MLFLOW_TRACKING_URI"], float(spec["mlflow_timeout"]))
-            tracker.open_run(spec["experiment"], spec["mlflow_run_id"], "", {})
+        if proc.rank == 0 and spec.get("mlflow_run_id"):
+            tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds)
+            tracker.attach(spec["mlflow_run_id"])
         step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker)
         code, message = 0, "ok"
     except BaseException as exc:  # reported to the launcher through the result file
         code, message = int(exit_code_for(exc)), f"{type(exc).__name__}: {exc}"
-        log.error("rank %d failed: %s", rank, message)
+        log.error("rank %d failed: %s", proc.rank, message)
     finally:
-        if tracker is not None:
-            tracker.close(None, timeout=30)
+        tracker.close(None, timeout=30)
         if code == 0:
             leave_process_group()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        Path(spec["result_path"]).write_text(json.dumps({
-            "code": code, "message": message, "rank": rank, "world_size": world_size, "global_step": step,
-        }), encoding="utf-8")
+    if proc.local_rank == 0:
+        atomic_write_json(Path(spec["result_path"]), {
+            "code": code, "message": message, "rank": proc.rank, "world_size": proc.world_size, "global_step": step,
+        })
     if code:
         write_termination_log(message)
     sys.stdout.flush()
     return code
+
+
+# The launcher: node 0's process (and, with several nodes, each other node's) starts the training here.
+
+def checkpoint_on_stop(settings: Settings) -> bool:
+    if settings.checkpoint_on_sigterm == "auto":
+        return settings.finetuning_type in ("lora", "qlora")
+    return settings.checkpoint_on_sigterm == "true"
+
+
+def procs_per_node(settings: Settings) -> int:
+    if settings.nproc_per_node != "auto":
+        return int(settings.nproc_per_node)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def launch_args(plan: TrainPlan, decision: Decision) -> dict[str, Any]:
+    """LLaMA-Factory's arguments for this decision: where to resume from, whether to start afresh."""
+    from entrypoint.decisions import Action
+
+    args = dict(plan.lf_args)
+    if decision.action is Action.RESUME:
+        args["resume_from_checkpoint"] = str(plan.output / f"checkpoint-{decision.checkpoint}")
+    if decision.fresh_dir:
+        args["overwrite_output_dir"] = True  # only ever our own unfinished output of the same config
+    return args
+
+
+def uses_torchrun(plan: TrainPlan, nproc: int) -> bool:
+    """Several processes, on this pod or across pods, or DeepSpeed (which LLaMA-Factory runs only in a
+    distributed process): torchrun. One process on one node trains in this very process."""
+    return plan.settings.nnodes > 1 or nproc > 1 or bool(plan.lf_args.get("deepspeed"))
+
+
+def run_training(plan: TrainPlan, decision: Decision, nproc: int, tracker: Tracker | NullTracker,
+                 lock_lost: threading.Event) -> None:
+    """Node 0's training, in this process or under torchrun; returns once the final weights are saved."""
+    args = launch_args(plan, decision)
+    if uses_torchrun(plan, nproc):
+        launch_torchrun(plan, args, nproc, tracker.run_id)
+        return
+    stop = StopFlag()
+    stop.install()
+    train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock_lost)
+
+
+def launch_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_run_id: str | None) -> dict[str, Any]:
+    """Re-execute under torchrun; this node's local rank 0 reports back through a file.
+
+    The spec and result files live in a temporary directory of this pod, not on the shared storage: each
+    node has its own, and the nodes other than node 0 write nothing shared. With NNODES > 1 torchrun meets
+    the other nodes at MASTER_ADDR:MASTER_PORT; max-restarts=0 makes a failed rank end the attempt on every
+    node (the others' collectives fail with it), and the Job retries all of them.
+    """
+    settings = plan.settings
+    if settings.nnodes > 1:
+        where = [f"--nnodes={settings.nnodes}", f"--node-rank={settings.node_rank}",
+                 f"--master-addr={settings.master_addr}", f"--master-port={settings.master_port}",
+                 # How long this node waits at the rendezvous for the others (pods scheduled late).
+                 f"--rdzv-conf=timeout={settings.ddp_timeout}"]
+    else:
+        # One pod: a local rendezvous on a free port. (A static one on port 0 would hand the processes
+        # port 0, not the port it bound.)
+        where = ["--standalone"]
+    with tempfile.TemporaryDirectory(prefix="entrypoint-worker-") as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        atomic_write_json(spec_path, {
+            "lf_args": args,
+            "checkpoint_on_stop": checkpoint_on_stop(settings),
+            "mlflow_run_id": mlflow_run_id,
+            "result_path": str(result_path),
+        })
+        command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
+                   "--max-restarts=0", "-m", "entrypoint", "_worker", str(spec_path)]
+        log.info("launching %d processes: %s", nproc, " ".join(command))
+        child = subprocess.Popen(command, start_new_session=True)
+        got_sigterm = False
+
+        def forward(signum: int, frame: Any) -> None:
+            nonlocal got_sigterm
+            got_sigterm = True
+            os.killpg(child.pid, signal.SIGTERM)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        result = read_json(result_path) or {}
+    if code == 0 and result.get("code") == 0:
+        return result
+    message = result.get("message") or (
+        f"torchrun exited with {code} before this node's first process reported: a training process was killed "
+        "(out of memory?) or lost its peers on another node; see the log above")
+    if got_sigterm or result.get("code") == ExitCode.INTERRUPTED:
+        raise Interrupted(message)
+    if result.get("code") == ExitCode.CONFIG:
+        raise ConfigError(message)
+    raise EntrypointError(message)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -158,7 +157,3 @@ def snapshot(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(path.rglob("*")) if p.is_file()}
 
-
-def copy_model(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest

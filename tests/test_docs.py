@@ -32,7 +32,7 @@ from helpers import REPO
 
 from entrypoint.cli import COMMANDS, build_parser
 from entrypoint.errors import ExitCode
-from entrypoint.settings import FIELDS, FIELDS_BY_ENV, LOG_LEVELS
+from entrypoint.settings import FIELDS, FIELDS_BY_ENV, FIELDS_BY_ATTR
 
 DIAGRAM_DIR = REPO / "docs" / "diagrams"
 EXPECTED_DIAGRAMS = ("architecture", "workflow", "dependencies")
@@ -181,7 +181,7 @@ NOT_SETTINGS = {
     # Signals and open(2) flags.
     "SIGTERM", "SIGKILL", "SIGINT", "O_CREAT", "O_EXCL",
     # Values of a setting, not names of one.
-    *LOG_LEVELS,
+    *FIELDS_BY_ATTR["log_level"].choices,
 }
 NOT_SETTING_PREFIXES = ("HF_", "TRANSFORMERS_", "NCCL_", "CUDA_", "PYTORCH_", "TORCH_", "GRADIO_", "VLLM_")
 
@@ -405,7 +405,7 @@ def test_png_embeds_the_current_source(source: Path):
 
 def test_architecture_shows_the_storage_paths():
     text = (DIAGRAM_DIR / "architecture.puml").read_text(encoding="utf-8")
-    wanted = [f.env for f in FIELDS if f.kind == "path"] + [
+    wanted = [f.env for f in FIELDS if f.path] + [
         "merged-model.versions/", ".merged-model.lock", ".lora-adapter.lock", "COMPLETE.json", "run.json"]
     assert [w for w in wanted if w not in text] == []
 

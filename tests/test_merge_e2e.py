@@ -94,7 +94,7 @@ def test_merged_model_answers_like_training_and_rerun_skips(trained: Storage, ml
     marker = json.loads((trained.output / ".job" / "COMPLETE.json").read_text())
     run = mlflow_server.client().get_run(marker["mlflow_run_id"])
     assert run.data.tags["merged_model_version"] == version.name
-    assert run.data.metrics["merged_model_bytes"] > 0 and run.data.metrics["merge_peak_rss_mb"] > 0
+    assert run.data.metrics["merged_model_bytes"] > 0 and run.data.metrics["merge_peak_rss_mib"] > 0
     versions = mlflow_server.client().search_model_versions("name='tiny-demo'")
     assert len(versions) == 1 and versions[0].tags["storage_path"] == str(version)
 
@@ -124,7 +124,7 @@ def test_each_new_training_publishes_a_version_and_old_ones_are_pruned(merged: S
 def test_a_plain_directory_from_the_older_layout_is_migrated_not_deleted(trained: Storage):
     legacy = merged_path(trained)
     legacy.mkdir(parents=True)
-    (legacy / "config.json").write_text('{"model_type": "llama", "note": "written in place by the seed"}')
+    (legacy / "config.json").write_text('{"model_type": "llama", "note": "written in place by the original design"}')
     result = run_entrypoint("merge", trained.env())
     assert result.returncode == 0, result.stderr[-2000:]
     kept = list((trained.root / "models" / "merged-model.versions").glob("v0000-legacy-*"))

@@ -1,4 +1,4 @@
-"""The typed settings: the seed's names and defaults, validation messages, secrets kept out."""
+"""The typed settings: the original design's names and defaults, validation messages, secrets kept out."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from entrypoint.settings import (
     reference_markdown,
 )
 
-# The seed's ConfigMap (REFERENCE.md): users' values must carry over unchanged.
-SEED_CONFIGMAP = {
+# The original design's ConfigMap: users' values must carry over unchanged.
+ORIGINAL_CONFIGMAP = {
     "BASE_MODEL_PATH": "/storage/models/base-model",
     "LORA_OUTPUT_PATH": "/storage/output/lora-adapter",
     "MERGED_MODEL_PATH": "/storage/models/merged-model",
@@ -34,15 +34,15 @@ SEED_CONFIGMAP = {
 }
 
 
-def test_seed_keys_and_defaults_are_kept():
+def test_original_keys_and_defaults_are_kept():
     cm = default_configmap()
-    for key, value in SEED_CONFIGMAP.items():
+    for key, value in ORIGINAL_CONFIGMAP.items():
         assert cm[key] == value, key
     assert "SERVED_MODEL_NAME" in cm and "DATASET" in cm and cm["DATASET"] == "train_data"
 
 
-def test_seed_values_parse_to_the_right_types():
-    s = load_settings({**SEED_CONFIGMAP, "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+def test_original_values_parse_to_the_right_types():
+    s = load_settings({**ORIGINAL_CONFIGMAP, "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert s.lora_rank == 8 and s.learning_rate == 1.0e-4 and s.num_epochs == 3.0
     assert s.dataset == ("train_data",) and s.lora_target == ("all",) and s.replace_output is False
 
