@@ -195,6 +195,10 @@ class Settings:
         "Compute precision; auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.",
         "training", lf_key="precision", result=True)
     seed: int = option("SEED", "42", "Random seed.", "training", minimum=0, lf_key="seed", result=True)
+    neftune_noise_alpha: float = option(
+        "NEFTUNE_NOISE_ALPHA", "0", "NEFTune: noise added to the input embeddings while training, scaled by this "
+        "alpha (5 is the paper's common choice; 0: off).", "training", minimum=0, maximum=100,
+        lf_key="neftune_noise_alpha", lf_omit=(0,), result=True)
     save_steps: int = option(
         "SAVE_STEPS", "100", "Checkpoint every this many steps: what a resume after preemption starts from.",
         "training", minimum=1, lf_key="save_steps")

@@ -170,3 +170,16 @@ def test_kubeflow_names_are_declared_with_the_field_they_set():
         "PET_NNODES": "NNODES", "PET_NODE_RANK": "NODE_RANK", "PET_MASTER_ADDR": "MASTER_ADDR",
         "PET_MASTER_PORT": "MASTER_PORT"}
     assert "PET_NNODES" in reference_markdown(), "the reference tells users which Kubeflow name stands in"
+
+
+def test_every_llamafactory_key_is_an_argument_llamafactory_knows():
+    """A setting's lf_key is handed to LLaMA-Factory's own parser: a misspelt key would fail every Job at start."""
+    import dataclasses
+
+    from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+
+    known = {f.name for cls in (DataArguments, FinetuningArguments, ModelArguments, TrainingArguments)
+             for f in dataclasses.fields(cls)}
+    keys = {f.lf_key for f in FIELDS if f.lf_key}
+    assert keys - known - {"precision"} == set(), "precision is resolved to bf16/fp16 by the worker"
+    assert "neftune_noise_alpha" in keys
