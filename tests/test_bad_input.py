@@ -35,6 +35,16 @@ def _model_without_config(storage: Storage) -> dict[str, str]:
     return {"BASE_MODEL_PATH": str(broken)}
 
 
+def _pickle_only_base(storage: Storage) -> dict[str, str]:
+    """A base whose weights are a pickle (.bin): LLaMA-Factory would train it, the merge could not publish it."""
+    import shutil
+
+    base = storage.root / "models" / "pickled"
+    shutil.copytree(storage.base, base)
+    (base / "model.safetensors").rename(base / "pytorch_model.bin")
+    return {"BASE_MODEL_PATH": str(base)}
+
+
 def _jsonl(storage: Storage) -> dict[str, str]:
     (storage.data / "dataset_info.json").unlink()
     _write(storage.data / "lines.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
@@ -71,6 +81,7 @@ CASES: list[Case] = [
      "BASE_MODEL_PATH='models/base' is not valid: expected an absolute path"),
     ("missing-model", lambda s: {"BASE_MODEL_PATH": str(s.root / "models" / "nope")}, "does not exist"),
     ("model-without-config", _model_without_config, "has no config.json"),
+    ("base-weights-only-pickle", _pickle_only_base, "has no safetensors weights"),
     ("missing-dataset-dir", lambda s: {"DATASET_PATH": str(s.root / "no-data")}, "is not a directory"),
     ("dataset-not-registered", lambda s: {"DATASET": "other"},
      "DATASET='other' is not in"),
