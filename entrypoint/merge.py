@@ -6,10 +6,12 @@ The steps, in the order `run` calls them:
   heavy was imported;
 - lock: one publisher per MERGED_MODEL_PATH; work left by a killed merge is removed;
 - merge: stream base + adapter into a temporary directory (lora_merge.py), after checking free space;
-- verify: the result is what transformers would load (verify.py);
+- verify: the result has the base's tensors, a tokenizer and stop ids that exist, read from headers and
+  JSON alone (verify.py);
 - publish: a new version directory and an atomic switch of the symlink vLLM reads (publish.py);
   old versions beyond MERGE_KEEP_VERSIONS are removed;
-- record: merge figures on the training's MLflow run, and a registry version when asked.
+- record: merge figures on the training's MLflow run, and a registry version when asked. MLflow trouble
+  is never fatal to a merge: it is logged, and the model is published all the same.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import resource
 import time
 from pathlib import Path
 
-from entrypoint.errors import ConfigError, ExitCode, finish
+from entrypoint.errors import ConfigError, EntrypointError, ExitCode, finish
 from entrypoint.merge_inputs import MergeInputs, read_inputs, wait_for_adapter
 from entrypoint.publish import Published, check_free_space, cleanup_on_failure, directory_bytes
 from entrypoint.settings import Settings
@@ -40,9 +42,7 @@ def run(settings: Settings) -> int:
         return finish(ExitCode.OK, f"skipped: {published.path} already serves this adapter "
                       f"({published.current().name})")  # type: ignore[union-attr]
 
-    tracking = settings.tracking == "mlflow" and bool(inputs.mlflow_run_id)
-    if tracking:
-        preflight(settings.mlflow_tracking_uri, settings.mlflow_experiment_name, settings.mlflow_timeout_seconds)
+    tracking = tracking_available(settings, inputs)
 
     lock = OutputLock(lock_path_for(published.path), ttl=settings.lock_ttl_seconds, owner=owner_id(settings.pod_name))
     with lock.held(settings.lock_wait_seconds):
@@ -61,6 +61,18 @@ def run(settings: Settings) -> int:
     return finish(ExitCode.OK, f"published: {published.path} -> {version.name}")
 
 
+def tracking_available(settings: Settings, inputs: MergeInputs) -> bool:
+    """Whether the merge can be recorded on the training's MLflow run; a server in trouble only costs the record."""
+    if settings.tracking != "mlflow" or not inputs.mlflow_run_id:
+        return False
+    try:
+        preflight(settings.mlflow_tracking_uri, settings.mlflow_experiment_name, settings.mlflow_timeout_seconds)
+    except EntrypointError as exc:
+        log.warning("MLflow: %s; merging without recording the merge on run %s", exc, inputs.mlflow_run_id)
+        return False
+    return True
+
+
 def tidy(published: Published) -> None:
     """Under the lock: remove what killed merges left, move an older plain directory into the scheme."""
     for stale in published.remove_stale_workdirs():
@@ -72,8 +84,9 @@ def tidy(published: Published) -> None:
 
 def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Published):
     from entrypoint.lora_merge import merge_adapter  # torch loads here, once there is work to do
+    from entrypoint.model_dir import read_base_model
     from entrypoint.progress import ShardProgress
-    from entrypoint.verify import verify_loadable
+    from entrypoint.verify import verify_merged
 
     source = inputs.adapter if inputs.full else inputs.base
     needed = directory_bytes(source) if inputs.full else sum(
@@ -82,12 +95,13 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
     workdir = published.new_workdir()
     with cleanup_on_failure(workdir):
         try:
-            result = merge_adapter(source, None if inputs.full else inputs.adapter, workdir, ShardProgress())
+            result = merge_adapter(source, None if inputs.full else inputs.adapter, workdir, ShardProgress(),
+                                   stop_tokens=inputs.stop_tokens)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:  # someone else filled the disk meanwhile
                 raise ConfigError(f"no space left on {published.versions} while writing the merged model") from exc
             raise
-        verify_loadable(workdir, inputs.adapter if inputs.full else inputs.base)
+        verify_merged(workdir, read_base_model(source), result.untied)
         manifest = {
             "inputs": inputs.identity,
             "adapter_path": str(inputs.adapter),

@@ -26,8 +26,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Other weight formats: never copied into a merged model, and refused as a base's only weights.
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "vocab.json")
+# The output layer of a causal LM. Many small models (Qwen2.5 0.5-3B, Llama 3.2, Gemma) store none: their
+# config ties it to the input embedding.
+OUTPUT_EMBEDDING = "lm_head.weight"
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight")
+# Model types whose transformers and vLLM implementations read an lm_head of its own when the config says
+# tie_word_embeddings: false (checked in vLLM 0.32's model code; Gemma 2, for one, always ties in vLLM).
+# An adapter that changes the embedding or the head of a tied base is published untied for these only.
+UNTIE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma3_text")
 # Any of these makes a directory hold a tokenizer (SentencePiece models keep their vocabulary in tokenizer.model).
 TOKENIZER_FILES = (*TOKENIZER_VOCAB_FILES, "tokenizer.model")
+# What a tokenizer's save_pretrained writes besides files named tokenizer*: one set, published together.
+TOKENIZER_COMPANION_FILES = frozenset({
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+})
 # Files of a model directory that make up its identity (config, weights, tokenizer, templates).
 IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")
 
@@ -184,3 +197,41 @@ def model_identity(path: Path) -> dict[str, str]:
     """Identity of a model directory: its config, weights and tokenizer files (see fingerprint.file_identity)."""
     return {child.name: file_identity(child) for child in sorted(path.iterdir())
             if child.is_file() and child.suffix in IDENTITY_SUFFIXES}
+
+
+def tied_input_embedding(base: BaseModel) -> str | None:
+    """The input embedding tensor a base also uses as its output layer (it stores no lm_head); else None."""
+    if base.resolve(OUTPUT_EMBEDDING) is not None or not base.config.get("tie_word_embeddings", True):
+        return None
+    names = [name for name in base.tensors if name.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    return names[0] if len(names) == 1 else None
+
+
+def tied_embeddings_problem(model_type: Any) -> str:
+    return (
+        f"the base ties its output layer to its input embedding (tie_word_embeddings) and the adapter changes "
+        f"one of them: the trained model computes them apart, so the merged model must store lm_head on its own, "
+        f"which model type {model_type!r} cannot load in vLLM (possible for {', '.join(UNTIE_MODEL_TYPES)}); "
+        "train without embed_tokens/lm_head in LORA_TARGET or additional_target"
+    )
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in TOKENIZER_COMPANION_FILES
+
+
+def token_ids(directory: Path) -> dict[str, int]:
+    """Token string -> id of a saved tokenizer, from its JSON files (a SentencePiece-only tokenizer: {})."""
+    ids: dict[str, int] = {}
+    tokenizer = directory / "tokenizer.json"
+    if tokenizer.is_file():
+        data = load_json(tokenizer, "tokenizer file")
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        # BPE/WordLevel/WordPiece store {token: id}; Unigram stores [[token, score], ...] in id order.
+        ids.update(vocab if isinstance(vocab, dict) else {item[0]: i for i, item in enumerate(vocab)})
+        ids.update({item["content"]: item["id"] for item in data.get("added_tokens") or ()})
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        decoder = load_json(config, "tokenizer file").get("added_tokens_decoder") or {}
+        ids.update({item["content"]: int(i) for i, item in decoder.items()})
+    return ids

@@ -297,6 +297,10 @@ class Settings:
     adapter_wait_seconds: int = option(
         "ADAPTER_WAIT_SECONDS", "0", "How long the merge waits for training's completion marker (0: fail at once "
         "when the adapter is not complete).", "merge", minimum=0, maximum=604800)
+    merge_unmarked_adapter: bool = option(
+        "MERGE_UNMARKED_ADAPTER", "false", "Merge an output that has no completion marker of this tool (an adapter "
+        "trained elsewhere and copied to LORA_OUTPUT_PATH): its files are checked, but not that training finished "
+        "or which base it was trained on.", "merge")
     registered_model_name: str = option(
         "REGISTERED_MODEL_NAME", "", "Register each published merge under this MLflow model name (empty: no "
         "registration).", "merge")

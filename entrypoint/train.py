@@ -73,7 +73,7 @@ def run(settings: Settings) -> int:
         return finish(ExitCode.OK, f"skipped: {plan.output} is {decision.reason} "
                       f"(fingerprint {plan.fingerprint[:12]})")
     refuse_if_asked(plan, decision)
-    check_before_writing(plan)
+    template = check_before_writing(plan)
     if settings.node_rank > 0:
         return train_follower(plan, decision)
 
@@ -84,7 +84,7 @@ def run(settings: Settings) -> int:
             return finish(ExitCode.OK, f"skipped: {plan.output} is {decision.reason}")
         refuse_if_asked(plan, decision)
         log.info("%s (fingerprint %s)", decision.reason, plan.fingerprint[:12])
-        return train_locked(plan, decision, lock, t0)
+        return train_locked(plan, decision, lock, template, t0)
 
 
 def refuse_if_asked(plan: TrainPlan, decision: Decision) -> None:
@@ -92,22 +92,24 @@ def refuse_if_asked(plan: TrainPlan, decision: Decision) -> None:
         raise ConfigError(f"LORA_OUTPUT_PATH={str(plan.output)!r}: {decision.reason}")
 
 
-def check_before_writing(plan: TrainPlan) -> None:
-    """What the plan could not check without reading every record or importing LLaMA-Factory."""
+def check_before_writing(plan: TrainPlan) -> dict[str, Any]:
+    """What the plan could not check without reading every record or importing LLaMA-Factory; returns what
+    the chat template does to the tokenizer (worker.check_template)."""
     settings = plan.settings
     datasets.validate(plan.data, Path(settings.dataset_path))
     from entrypoint import worker  # the heavy imports start here, once there is work to do
 
-    worker.check_args(plan.lf_args)
+    template = worker.check_args(plan.lf_args)
     if settings.tracking == "mlflow":
         # Every node checks: with MLflow down all of them exit 75 at once, instead of the others waiting for
         # a node 0 that never comes to the rendezvous.
         preflight(settings.mlflow_tracking_uri, settings.mlflow_experiment_name, settings.mlflow_timeout_seconds)
     else:
         log.warning("TRACKING=none: this run is not recorded in MLflow")
+    return template
 
 
-def train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, t0: float) -> int:
+def train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, template: dict[str, Any], t0: float) -> int:
     from entrypoint import worker
 
     settings = plan.settings
@@ -120,7 +122,7 @@ def train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, t0: floa
         tracker.set_tags({"attempt": str(record.data["attempt"]), "decision": decision.action.value})
         record = write_run_record(plan, RunRecord({**record.data, "mlflow_run_id": mlflow_run_id}))
         worker.run_training(plan, decision, nproc, tracker, lock.lost)
-        mark_complete(plan, record)
+        mark_complete(plan, record, template)
         record_results(plan, tracker, t0)
     where = f"; MLflow run {record.mlflow_run_id} at {redact_uri(settings.mlflow_tracking_uri)}" \
         if record.mlflow_run_id else ""
@@ -184,12 +186,13 @@ def check_outputs(plan: TrainPlan) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
 
 
-def mark_complete(plan: TrainPlan, record: RunRecord) -> None:
+def mark_complete(plan: TrainPlan, record: RunRecord, template: dict[str, Any]) -> None:
     write_marker(plan.output, {
         "fingerprint": plan.fingerprint,
         "inputs": plan.fingerprint_inputs,
         "finished_at": time.time(),
         "finetuning_type": plan.settings.finetuning_type,
+        "template": template,  # its stop words: where the published model must stop
         "mlflow_run_id": record.mlflow_run_id,
         "files": check_outputs(plan),
         "results": read_json(plan.output / "all_results.json") or {},

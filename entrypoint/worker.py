@@ -154,13 +154,13 @@ def train(
     return callback.global_step
 
 
-def check_args(lf_args: dict[str, Any]) -> None:
+def check_args(lf_args: dict[str, Any]) -> dict[str, Any]:
     """Let LLaMA-Factory parse the arguments before anything is written: unknown or contradictory keys
-    (typically from LLAMAFACTORY_CONFIG) are a configuration error, not a crash mid-run."""
+    (typically from LLAMAFACTORY_CONFIG) are a configuration error, not a crash mid-run. Returns what the
+    chat template does to the tokenizer (check_template)."""
     from llamafactory.hparams import get_train_args
 
-    from entrypoint.errors import ConfigError
-
+    template = check_template(lf_args.get("template"))
     args = resolve_precision(lf_args)
     args["overwrite_output_dir"] = True  # parse only: keep its resume probe away from the output
     # LLaMA-Factory accepts DeepSpeed only inside a distributed process; the training processes parse it
@@ -170,6 +170,24 @@ def check_args(lf_args: dict[str, Any]) -> None:
         get_train_args(args)
     except ValueError as exc:
         raise ConfigError(f"LLaMA-Factory rejected the arguments: {exc}") from exc
+    return template
+
+
+def check_template(name: Any) -> dict[str, Any]:
+    """The chat template, checked against LLaMA-Factory's registry (it would fail only once training starts),
+    and what it does to the tokenizer: its stop words, the first of which replaces the EOS when replace_eos.
+    The merge publishes a generation config that stops at them (companions.py)."""
+    import difflib
+
+    from llamafactory.data.template import TEMPLATES
+
+    if name not in TEMPLATES:
+        close = difflib.get_close_matches(str(name), TEMPLATES, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"TEMPLATE={name!r} is not a LLaMA-Factory chat template{hint}: expected one of its "
+                          f"{len(TEMPLATES)} templates, e.g. llama3, qwen, qwen3, gemma, mistral, phi4, default")
+    template = TEMPLATES[name]
+    return {"name": name, "stop_words": list(template.stop_words), "replace_eos": bool(template.replace_eos)}
 
 
 def follow_rank_zero(spec: dict[str, Any]) -> dict[str, Any]:

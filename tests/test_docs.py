@@ -32,7 +32,7 @@ from helpers import REPO
 
 from entrypoint.cli import COMMANDS, build_parser
 from entrypoint.errors import ExitCode
-from entrypoint.settings import FIELDS, FIELDS_BY_ENV, FIELDS_BY_ATTR
+from entrypoint.settings import FIELDS, FIELDS_BY_ATTR, FIELDS_BY_ENV
 
 DIAGRAM_DIR = REPO / "docs" / "diagrams"
 EXPECTED_DIAGRAMS = ("architecture", "workflow", "dependencies")

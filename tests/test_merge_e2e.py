@@ -87,9 +87,15 @@ def test_merged_model_answers_like_training_and_rerun_skips(trained: Storage, ml
 
     base_weights = (trained.base / "model.safetensors").stat().st_size
     assert (version / "model.safetensors").stat().st_size == base_weights, "dtype or size changed"
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        assert (version / name).read_bytes() == (trained.base / name).read_bytes(), name
+    assert (version / "config.json").read_bytes() == (trained.base / "config.json").read_bytes()
+    # The tokenizer training saved beside the adapter (what llamafactory-cli export publishes too), and a
+    # generation config that stops where the llama3 template does.
+    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+        assert (version / name).read_bytes() == (trained.output / name).read_bytes(), name
+    assert json.loads((version / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    assert json.loads((version / "generation_config.json").read_text())["eos_token_id"] == json.loads(
+        (trained.base / "generation_config.json").read_text())["eos_token_id"]
+    assert not (version / "adapter_model.safetensors").exists() and not (version / "trainer_log.jsonl").exists()
 
     marker = json.loads((trained.output / ".job" / "COMPLETE.json").read_text())
     run = mlflow_server.client().get_run(marker["mlflow_run_id"])
@@ -199,6 +205,19 @@ def _outside_link(storage: Storage) -> dict[str, str]:
     return {}
 
 
+def _retrained_base(storage: Storage) -> dict[str, str]:
+    """The base's weights replaced after training (same shapes, other values): the adapter no longer fits."""
+    changed = Path(shutil.copytree(storage.base, storage.root / "models" / "changed-base"))
+    make_tiny_model(storage.root / "models" / "new-weights", seed=5)
+    shutil.copy(storage.root / "models" / "new-weights" / "model.safetensors", changed / "model.safetensors")
+    return {"BASE_MODEL_PATH": str(changed)}
+
+
+def _no_marker(storage: Storage) -> dict[str, str]:
+    shutil.rmtree(storage.output / ".job")  # an adapter copied in from elsewhere
+    return {}
+
+
 def _no_adapter(storage: Storage) -> dict[str, str]:
     shutil.rmtree(storage.output)
     return {}
@@ -210,12 +229,17 @@ def _unfinished_adapter(storage: Storage) -> dict[str, str]:
 
 
 BAD = [
-    ("missing-adapter", _no_adapter, ExitCode.CONFIG, "does not exist: train first"),
+    ("missing-adapter", _no_adapter, ExitCode.CONFIG, "does not exist. Train first"),
     ("unfinished-adapter-after-wait", _unfinished_adapter, ExitCode.TEMPORARY,
-     "has no completion marker (training is unfinished) after waiting 1s"),
-    ("adapter-for-another-base", _other_base, ExitCode.CONFIG, "has shape"),
+     "has no completion marker: its training started but has not finished, after waiting 1s"),
+    ("adapter-without-marker", _no_marker, ExitCode.CONFIG,
+     "has no completion marker of this tool (an adapter trained elsewhere?); to merge it as it is, set "
+     "MERGE_UNMARKED_ADAPTER=true"),
+    ("adapter-for-another-base", _other_base, ExitCode.CONFIG, "is not the base the adapter was trained on"),
+    ("base-weights-changed-since-training", _retrained_base, ExitCode.CONFIG,
+     "is not the base the adapter was trained on: model.safetensors differs from the files recorded at training"),
     ("truncated-shard", _truncated_base, ExitCode.CONFIG, "model.safetensors"),
-    ("quantized-base", _quantized_base, ExitCode.CONFIG, "the base model is quantized"),
+    ("quantized-base", _quantized_base, ExitCode.CONFIG, "config.json differs from the files recorded at training"),
     ("symlink-outside-storage", _outside_link, ExitCode.CONFIG, "not published by this tool"),
 ]
 
@@ -244,6 +268,28 @@ def test_no_space_is_refused_before_writing(trained: Storage, tmp_path: Path):
         assert not target.exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_unmarked_adapter_merges_when_asked(merged: Storage):
+    shutil.rmtree(merged.output / ".job")
+    result = run_entrypoint("merge", merged.env(MERGE_UNMARKED_ADAPTER="true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "without a completion marker (MERGE_UNMARKED_ADAPTER=true)" in result.stderr
+    assert merged_path(merged).resolve().name.startswith("v0002-")
+    assert generate_answer(merged_path(merged), DEMO_PROMPT) == DEMO_ANSWER
+
+
+def test_an_adapter_changed_in_place_publishes_anew(merged: Storage):
+    """Same size, same configuration, other values (an adapter copied over the old one): a new version."""
+    from safetensors.torch import load_file, save_file
+
+    weights = merged.output / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: tensor * 0.5 for name, tensor in tensors.items()}, weights, metadata={"format": "pt"})
+    before = merged_path(merged).resolve().name
+    result = run_entrypoint("merge", merged.env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert before.startswith("v0001-") and merged_path(merged).resolve().name.startswith("v0002-")
 
 
 def test_vllm_lora_prints_how_to_serve_the_adapter(trained: Storage):
