@@ -30,7 +30,7 @@ def in_cluster_service(uri: str) -> tuple[str, str, int] | None:
     return None
 
 
-def plan_ui(target: str, env: str | None = None, port: int | None = None, root: Path = REPO) -> Plan:
+def plan_ui(target: str, *, env: str | None = None, port: int | None = None, root: Path = REPO) -> Plan:
     if target not in TARGETS:
         raise Exit(f"ui takes one of {', '.join(TARGETS)}, not {target!r}")
     local = port or TARGETS[target]

@@ -3,6 +3,7 @@ runs when a tool or a setting is missing."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from invoke import Context
 from invoke.exceptions import Exit
 from k8s_task_objects import DEPLOYED
 
@@ -122,3 +124,20 @@ def test_the_task_side_imports_nothing_heavy() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_passes_arguments_its_action_takes(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A renamed or missing keyword would fail only when a user runs the task: call each with its defaults.
+    import tasks
+    from k8s_tasks import actions
+
+    bound: list[inspect.BoundArguments] = []
+    for name, function in vars(actions).items():
+        if inspect.isfunction(function) and function.__module__ == actions.__name__:
+            monkeypatch.setattr(actions, name, lambda *a, _f=function, **k: bound.append(
+                inspect.signature(_f).bind(*a, **k)))
+    body = getattr(tasks, task).body
+    required = [p for p in list(inspect.signature(body).parameters.values())[1:] if p.default is p.empty]
+    body(Context(), *["jobs" for _ in required])
+    assert len(bound) == 1
