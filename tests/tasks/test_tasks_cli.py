@@ -118,6 +118,15 @@ def test_gke_auth_plugin_missing_is_named(tree: Path, environ: dict[str, str],
                         "`gcloud components install gke-gcloud-auth-plugin`"]
 
 
+def test_the_install_provides_the_task_library(tmp_path: Path) -> None:
+    # `pip install -e .` (./dev.sh setup) or a wheel: k8s_tasks is importable outside the checkout too.
+    code = "import k8s_tasks.actions, entrypoint.errors; print(k8s_tasks.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "k8s_tasks"
+
+
 def test_the_task_side_imports_nothing_heavy() -> None:
     code = ("import sys, tasks, k8s_tasks.actions; "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
