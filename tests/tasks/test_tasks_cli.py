@@ -13,12 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from invoke import Context
 from invoke.exceptions import Exit
 from k8s_task_objects import DEPLOYED
 
+from k8s_tasks.cluster import current_context, kubeconfig_problem
 from k8s_tasks.deploy import plan_deploy
 from k8s_tasks.plan import run_plan
+from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("bench", "build", "cleanup", "demo", "deploy", "logs", "merge", "push", "status", "test", "train", "ui",
@@ -116,6 +119,33 @@ def test_gke_auth_plugin_missing_is_named(tree: Path, environ: dict[str, str],
     assert problems == ["kube context gke_my-project_europe-west4_training logs in with gke-gcloud-auth-plugin "
                         "not found on PATH: your kubeconfig authenticates through it: "
                         "`gcloud components install gke-gcloud-auth-plugin`"]
+
+
+def test_several_kubeconfig_files_name_the_cluster_kubectl_uses(tree: Path, environ: dict[str, str],
+                                                                path_without: Callable[..., str]) -> None:
+    # gcloud writes a cluster's entries into one file; the current context may be set in another, and a later
+    # file may set one too: kubectl keeps the first, and so must the tasks (their kubectl commands use it).
+    first = tree / "kubeconfig-current"
+    first.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "gke_p_r_training"}))
+    second = tree / "kubeconfig-gke"
+    second.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind-local",
+        "contexts": [{"name": "gke_p_r_training", "context": {"cluster": "training", "user": "gke"}},
+                     {"name": "kind-local", "context": {"cluster": "training", "user": "gke"}}],
+        "clusters": [{"name": "training", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "gke", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                                    "command": "gke-gcloud-auth-plugin"}}}],
+    }))
+    both = {**environ, "KUBECONFIG": os.pathsep.join([str(first), str(second)])}
+    kubectl = subprocess.run([require_tool("kubectl"), "config", "current-context"], env=both, capture_output=True,
+                             text=True, timeout=60, check=True)
+    assert current_context(both) == kubectl.stdout.strip() == "gke_p_r_training"
+    assert kubeconfig_problem(tree, {**both, "PATH": path_without("gke-gcloud-auth-plugin")}) == (
+        "kube context gke_p_r_training logs in with gke-gcloud-auth-plugin not found on PATH: your kubeconfig "
+        "authenticates through it: `gcloud components install gke-gcloud-auth-plugin`")
+    problem = kubeconfig_problem(tree, {**both, "KUBECONFIG": str(first)})  # a context no file defines
+    assert problem.startswith(f"cannot load the kubeconfig ({first}): ")
+    assert "Expected object with name gke_p_r_training" in problem
 
 
 def test_the_install_provides_the_task_library(tmp_path: Path) -> None:
