@@ -114,6 +114,15 @@ def validate(c: Context) -> None:
     actions.validate()
 
 
+@task(help={
+    "check": "change nothing: show the diff of each stale file and fail, naming them (what the tests check)",
+    "dry-run": "change nothing: show the diff of each stale file",
+})
+def generate(c: Context, check: bool = False, dry_run: bool = False) -> None:
+    """Rewrite every generated file from its source: base/llm-config.env, README tables, expected renders."""
+    actions.generate(check=check, dry_run=dry_run)
+
+
 @task(help={"pytest-args": "arguments for pytest, e.g. \"-k deploy -x\"", "dry-run": DRY_RUN_HELP})
 def test(c: Context, pytest_args: str = "", dry_run: bool = False) -> None:
     """Run the test suite as CI does (./dev.sh test)."""

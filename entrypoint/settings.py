@@ -408,7 +408,7 @@ def configmap_env_text() -> str:
     lines = [
         "# The unified configuration (ConfigMap llm-config): every variable the entrypoint reads, with",
         "# its default. GENERATED from entrypoint/settings.py (FIELDS); do not edit by hand. After changing",
-        "# FIELDS run `UPDATE_EXPECTED=1 pytest tests/manifests` and review the diff.",
+        "# FIELDS run `invoke generate` and review the diff.",
         "# Overlays change values with a configMapGenerator `behavior: merge` entry.",
     ]
     group = None

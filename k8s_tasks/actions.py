@@ -16,6 +16,7 @@ from k8s_tasks import ui as port_forward
 from k8s_tasks.cluster import KubeCluster
 from k8s_tasks.deploy import deploy_image, plan_deploy
 from k8s_tasks.follow import follow_job
+from k8s_tasks.generate import generate as generate_files
 from k8s_tasks.image import ImageRef, build_plan, git_state, push_plan, repository, validate_tag
 from k8s_tasks.jobs import plan_start
 from k8s_tasks.overlays import check_env
@@ -112,6 +113,10 @@ def cleanup(target: str, *, everything: bool, dry_run: bool) -> None:
 
 def validate() -> None:
     validate_overlays(sys.stdout)
+
+
+def generate(*, check: bool, dry_run: bool) -> None:
+    generate_files(sys.stdout, check=check, dry_run=dry_run)
 
 
 def test(*, pytest_args: str, dry_run: bool) -> None:

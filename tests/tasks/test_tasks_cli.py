@@ -24,8 +24,8 @@ from k8s_tasks.plan import run_plan
 from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ("bench", "build", "cleanup", "demo", "deploy", "logs", "merge", "push", "status", "test", "train", "ui",
-         "validate")
+TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "status", "test", "train",
+         "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
 
 
