@@ -25,7 +25,7 @@ ENVS = ("dev", "gpu", "prod", "multinode")
 NAMESPACE = "llm-training"
 KUSTOMIZE_DIRS = ("base", "components", "overlays")
 COMPONENT_LABEL = "app.kubernetes.io/component"
-# What `deploy --component` applies, as kubectl label selectors over the rendered objects (the seed's
+# What `deploy --component` applies, as kubectl label selectors over the rendered objects (the original design's
 # all/base/webui split). The Jobs are never applied by deploy: `invoke train` and `invoke merge` start them
 # under unique names. Objects without the label (namespace, config, Secret, storage, policies) are "base".
 SELECTORS = {
