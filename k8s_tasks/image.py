@@ -62,7 +62,8 @@ class ImageRef:
 
 
 def repository(environ: Mapping[str, str] | None = None) -> str:
-    """Where the image lives: eu.gcr.io (the seed's), or Artifact Registry when REGION and REPOSITORY are set."""
+    """Where the image lives: eu.gcr.io (as in the original design), or Artifact Registry when REGION and
+    REPOSITORY are set."""
     environ = os.environ if environ is None else environ
     project = environ.get("PROJECT_ID", "").strip()
     if not project:

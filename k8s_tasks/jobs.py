@@ -43,7 +43,7 @@ OVERLAY_ANNOTATION = "llama-factory/overlay"
 
 
 def default_name(component: str, now: datetime) -> str:
-    """The seed's default: llama-train-<YYYYmmdd-HHMMSS> (UTC, so names sort the same for everyone)."""
+    """The original design's default: llama-train-<YYYYmmdd-HHMMSS> (UTC, so names sort the same for everyone)."""
     return f"llama-{component}-{now.astimezone(UTC):%Y%m%d-%H%M%S}"
 
 

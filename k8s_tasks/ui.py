@@ -1,4 +1,4 @@
-"""`invoke ui webui|mlflow`: the seed's port-forwards to localhost:7860 (LLaMA Board) and :5000 (MLflow)."""
+"""`invoke ui webui|mlflow`: the original design's port-forwards to localhost:7860 (LLaMA Board) and :5000 (MLflow)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from k8s_tasks.plan import Command, Plan
 from k8s_tasks.status import WEBUI
 from k8s_tasks.tools import REPO
 
-TARGETS = {"webui": 7860, "mlflow": 5000}  # the local ports the seed used
+TARGETS = {"webui": 7860, "mlflow": 5000}  # the local ports of the original design
 WEBUI_PORT = 7860  # the Service's port (base/service-webui.yaml)
 
 
@@ -30,7 +30,7 @@ def in_cluster_service(uri: str) -> tuple[str, str, int] | None:
     return None
 
 
-def plan_ui(target: str, env: str | None = None, port: int | None = None, root: Path = REPO) -> Plan:
+def plan_ui(target: str, *, env: str | None = None, port: int | None = None, root: Path = REPO) -> Plan:
     if target not in TARGETS:
         raise Exit(f"ui takes one of {', '.join(TARGETS)}, not {target!r}")
     local = port or TARGETS[target]

@@ -21,7 +21,9 @@ from k8s_tasks.image import PLACEHOLDER, ImageRef
 from k8s_tasks.overlays import ENVS, copy_tree, parse, render, wrapper_step
 from k8s_tasks.tools import REPO, require_tool
 
-# Oldest and newest Kubernetes minors supported (as tests/manifests checks): podFailurePolicy is GA in 1.31.
+# Oldest and newest Kubernetes minors supported (tests/manifests checks them too): 1.31 is the first with
+# podFailurePolicy GA (the Jobs depend on it); 1.37 is the newest schema kubernetes-validate ships. GKE's
+# channels lie in between.
 K8S_MINORS = ("1.31", "1.37")
 # Stand-ins for what deploy sets, to check that it replaces every image.
 SAMPLE_TAG = ImageRef("eu.gcr.io/example-project/llama-factory-train", tag="0123456789ab")

@@ -170,7 +170,7 @@ SETTING_REF_RE = re.compile(rf"\$\{{?({SETTING_NAME})\b")
 NOT_SETTINGS = {
     # Deploy side (tasks.py, the shell): the registry and the cluster.
     "PROJECT_ID", "REGION", "REPOSITORY", "KUBECONFIG", "PATH", "HOME", "TMPDIR", "USER", "PYTHON", "CI",
-    "DEBIAN_FRONTEND", "UPDATE_EXPECTED", "JDK_JAVA_OPTIONS",
+    "DEBIAN_FRONTEND", "JDK_JAVA_OPTIONS",
     # The MLflow client reads these itself (the mlflow-config Secret); they are not entrypoint settings.
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT",

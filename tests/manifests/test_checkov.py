@@ -9,7 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, checkov, copy_tree, kubectl, pod_specs
+from kustomize_helpers import pod_specs
+
+from k8s_tasks.overlays import ENVS, copy_tree
+from k8s_tasks.tools import require_tool
 
 # The only checks skipped, and where; each reason is in the skip annotation itself (base/*.yaml).
 ALLOWED_SKIPS = {
@@ -27,9 +30,9 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = dict(os.environ)
     # checkov renders each kustomization with kustomize or kubectl from PATH, and silently skips the
     # framework when neither is there: put the kubectl the other tests use first on its PATH.
-    env["PATH"] = f"{Path(kubectl()).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(require_tool('kubectl')).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
-        [checkov(), "-d", str(tree), "--framework", "kustomize", "--skip-download", "--output", "json"],
+        [require_tool("checkov"), "-d", str(tree), "--framework", "kustomize", "--skip-download", "--output", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -54,7 +57,7 @@ def _where(resource: str) -> str:
 def test_checkov_scanned_every_overlay_and_the_base(checkov_report: dict) -> None:
     results = checkov_report["results"]
     scanned = {_where(c["resource"]) for kind in ("passed_checks", "skipped_checks") for c in results[kind]}
-    assert {"base", *OVERLAYS} <= scanned
+    assert {"base", *ENVS} <= scanned
     assert checkov_report["summary"]["parsing_errors"] == 0
 
 
@@ -78,7 +81,7 @@ def test_checkov_skips_are_the_reviewed_ones(checkov_report: dict) -> None:
         assert len(reason) > 40, f"{check['check_id']} skipped without a reason a reviewer can judge"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_skip_annotations_name_a_check_and_a_reason(overlay: str, docs: dict) -> None:
     found = 0
     for doc in docs[overlay]:

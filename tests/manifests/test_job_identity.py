@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, env_of, find, one, parse, render
+from kustomize_helpers import env_of
+
+from k8s_tasks.overlays import ENVS, find, one, parse, render
 
 
 def _jobs(docs: list[dict]) -> dict[str, dict]:
@@ -24,7 +26,7 @@ def _llm_config(docs: list[dict]) -> dict:
     return next(d for d in docs if d["metadata"]["name"].startswith("llm-config-"))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_job_names_carry_the_hash_of_config_and_image(overlay: str, docs: dict) -> None:
     jobs = _jobs(docs[overlay])
     match = re.fullmatch(r"llama-train-([a-z0-9]{10})", jobs["train"]["metadata"]["name"])
@@ -41,8 +43,8 @@ def test_job_names_carry_the_hash_of_config_and_image(overlay: str, docs: dict) 
 
 
 def test_each_overlay_has_its_own_job_names(docs: dict) -> None:
-    names = {_jobs(docs[o])["train"]["metadata"]["name"] for o in OVERLAYS}
-    assert len(names) == len(OVERLAYS)
+    names = {_jobs(docs[o])["train"]["metadata"]["name"] for o in ENVS}
+    assert len(names) == len(ENVS)
 
 
 def _render_variant(tree: Path, tmp_path: Path, edit: Callable[[Path], None]) -> list[dict]:

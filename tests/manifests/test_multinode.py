@@ -10,12 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, env_of, find, kubectl, one, parse, render, uses_component
+from kustomize_helpers import env_of, uses_component
 
 from entrypoint.errors import ConfigError
 from entrypoint.settings import check_topology, load_settings
+from k8s_tasks.overlays import ENVS, find, one, parse, render
+from k8s_tasks.tools import require_tool
 
-MULTINODE = [o for o in OVERLAYS if uses_component(o, "multinode")]
+MULTINODE = [o for o in ENVS if uses_component(o, "multinode")]
 TRAIN_LABELS = {"app.kubernetes.io/name": "llama-factory", "app.kubernetes.io/component": "train"}
 GPU = "nvidia.com/gpu"
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -183,7 +185,7 @@ def test_the_component_without_nnodes_does_not_render(manifest_tree: Path, tmp_p
     text = kustomization.read_text()
     kustomization.write_text(
         text.replace("  - ../../components/gpu\n", "  - ../../components/gpu\n  - ../../components/multinode\n"))
-    result = subprocess.run([kubectl(), "kustomize", str(variant / "overlays" / "gpu")], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run([require_tool("kubectl"), "kustomize", str(variant / "overlays" / "gpu")],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert re.search(r"cannot decode .*null.* as a !!int", result.stderr), result.stderr

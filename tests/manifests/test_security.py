@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-from kustomize_helpers import OVERLAYS, containers, env_of, find, one, pod_specs, uses_component
+from kustomize_helpers import containers, env_of, pod_specs, uses_component
 from pod_security import restricted_violations
 
+from k8s_tasks.overlays import ENVS, find, one
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+
+@pytest.mark.parametrize("overlay", ENVS)
 def test_every_pod_template_passes_pod_security_restricted(overlay: str, docs: dict) -> None:
     specs = list(pod_specs(docs[overlay]))
     assert {name.split("/")[0] for name, _ in specs} == {"Deployment", "Job"}
@@ -53,7 +55,7 @@ def test_checker_refuses_what_admission_refuses(breakage: str, docs: dict) -> No
     assert restricted_violations(spec), f"{breakage} was not detected"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_namespace_enforces_restricted(overlay: str, docs: dict) -> None:
     namespace = one(docs[overlay], "Namespace")
     assert namespace["metadata"]["name"] == "llm-training"
@@ -62,7 +64,7 @@ def test_namespace_enforces_restricted(overlay: str, docs: dict) -> None:
     assert {d["metadata"].get("namespace") for d in namespaced} == {"llm-training"}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_pods_run_as_unprivileged_user_on_read_only_root(overlay: str, docs: dict) -> None:
     assert one(docs[overlay], "ServiceAccount")["automountServiceAccountToken"] is False
     for name, spec in pod_specs(docs[overlay]):
@@ -85,7 +87,7 @@ def test_pods_run_as_unprivileged_user_on_read_only_root(overlay: str, docs: dic
                 assert env[var] == "1", f"{name}: {var}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, docs: dict) -> None:
     for name, spec in pod_specs(docs[overlay]):
         for c in containers(spec):
@@ -96,7 +98,7 @@ def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, do
             assert resources["requests"]["memory"] == resources["limits"]["memory"], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_nothing_is_exposed_outside_the_cluster(overlay: str, docs: dict) -> None:
     kinds = {d["kind"] for d in docs[overlay]}
     assert not kinds & {"Ingress", "Gateway", "HTTPRoute", "Route"}
@@ -110,7 +112,7 @@ def test_nothing_is_exposed_outside_the_cluster(overlay: str, docs: dict) -> Non
             assert "GRADIO_SHARE" not in env_of(c), name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay: str, docs: dict) -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in find(docs[overlay], "NetworkPolicy")}
     deny = policies.pop("default-deny")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from kustomize_helpers import OVERLAYS, containers, env_of, find, one
+from kustomize_helpers import containers, env_of
 
 from entrypoint.errors import ExitCode
+from k8s_tasks.overlays import ENVS, find, one
 
 GPU = "nvidia.com/gpu"
 COMMANDS = {"train": "train", "merge": "merge", "webui": "webui"}
@@ -26,7 +27,7 @@ def _config(docs: list[dict]) -> dict:
     return next(d for d in docs if d["metadata"]["name"].startswith("llm-config-"))["data"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 @pytest.mark.parametrize("component", sorted(COMMANDS))
 def test_containers_run_the_entrypoint(overlay: str, component: str, docs: dict) -> None:
     pod = _pod(docs[overlay], component)
@@ -41,7 +42,7 @@ def test_containers_run_the_entrypoint(overlay: str, component: str, docs: dict)
     assert env_of(container)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_gpu_settings_only_on_training_and_webui(overlay: str, docs: dict) -> None:
     for component in ("train", "webui"):
         pod = _pod(docs[overlay], component)
@@ -77,7 +78,7 @@ def test_gpu_count_and_type_per_overlay(overlay: str, gpus: int, accelerator: st
     assert pod["nodeSelector"].get("cloud.google.com/gke-accelerator") == accelerator
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 @pytest.mark.parametrize("component", ["train", "merge"])
 def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     overlay: str, component: str, docs: dict
@@ -110,7 +111,7 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     assert env["JOB_NAME"] == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_merge_waits_for_training_within_its_deadline(overlay: str, docs: dict) -> None:
     train = _workload(docs[overlay], "train")["spec"]
     merge = _workload(docs[overlay], "merge")["spec"]
@@ -120,12 +121,12 @@ def test_merge_waits_for_training_within_its_deadline(overlay: str, docs: dict) 
 
 
 def test_prod_runs_longer_than_gpu_and_dev(docs: dict) -> None:
-    deadline = {o: _workload(docs[o], "train")["spec"]["activeDeadlineSeconds"] for o in OVERLAYS}
+    deadline = {o: _workload(docs[o], "train")["spec"]["activeDeadlineSeconds"] for o in ENVS}
     assert deadline["prod"] > deadline["gpu"] > deadline["dev"]
     assert _config(docs["dev"])["LOG_LEVEL"] == "DEBUG"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dict) -> None:
     deployment = _workload(docs[overlay], "webui")
     pod = deployment["spec"]["template"]["spec"]
@@ -151,7 +152,7 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
     assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_one_image_set_by_the_overlay(overlay: str, docs: dict) -> None:
     images = {c["image"] for _, c in _all_containers(docs[overlay])}
     assert len(images) == 1

@@ -1,4 +1,4 @@
-"""What `deploy --component` applies, as the real kubectl selects it from the real render: the seed's
+"""What `deploy --component` applies, as the real kubectl selects it from the real render: the original design's
 all/base/webui split, never the Jobs.
 
 kubectl needs an API server's discovery to map kinds even for a client-side dry run; a FAKE discovery

@@ -13,7 +13,7 @@ from k8s_tasks.deploy import deploy_image
 from k8s_tasks.image import ImageRef, docker_credentials_problem, git_state, repository, validate_tag
 
 
-def test_registry_is_the_seeds_by_default() -> None:
+def test_registry_is_the_original_designs_by_default() -> None:
     assert repository({"PROJECT_ID": "my-project"}) == "eu.gcr.io/my-project/llama-factory-train"
 
 

@@ -24,7 +24,7 @@ def identities(objects: list[dict]) -> list[dict]:
     return [d for d in objects if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("llama-")]
 
 
-def test_default_names_are_the_seeds_in_utc() -> None:
+def test_default_names_are_the_original_designs_in_utc() -> None:
     assert default_name("train", NOW) == "llama-train-20260102-030405"
     assert default_name("merge", NOW) == "llama-merge-20260102-030405"
 

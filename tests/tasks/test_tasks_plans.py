@@ -164,7 +164,7 @@ def test_ui_port_forwards(env: str, tree: Path) -> None:
     assert plan_ui("webui").commands() == [
         ["kubectl", "port-forward", "-n", "llm-training", "svc/llama-webui", "7860:7860"]]
     # The examples name an in-cluster server (dev, gpu) or an external one (prod): nothing to forward then.
-    mlflow = plan_ui("mlflow", env, root=tree)
+    mlflow = plan_ui("mlflow", env=env, root=tree)
     if env == "prod":
         assert mlflow.commands() == []
         assert "https://mlflow.prod.example.internal" in mlflow.title
