@@ -109,8 +109,8 @@ def cleanup(target: str, everything: bool, dry_run: bool) -> None:
     run_plan(cleanup_plans.plan_cleanup(target, KubeCluster(), everything), dry_run=dry_run)
 
 
-def validate() -> None:
-    validate_overlays(sys.stdout)
+def validate(env: str | None) -> None:
+    validate_overlays(sys.stdout, env=check_env(env) if env else None)
 
 
 def test(pytest_args: str, dry_run: bool) -> None:

@@ -15,7 +15,7 @@ from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job
 
 from k8s_tasks.cleanup import plan_cleanup
 from k8s_tasks.deploy import plan_deploy
-from k8s_tasks.image import ImageRef, build_plan, push_plan
+from k8s_tasks.image import PLACEHOLDER, ImageRef, build_plan, push_plan
 from k8s_tasks.jobs import plan_start
 from k8s_tasks.local import plan_bench, plan_demo, plan_test
 from k8s_tasks.overlays import ENVS
@@ -47,7 +47,7 @@ def test_deploy_applies_the_overlay_with_the_image_set_in_one_generated_file(
     assert wrapper.path == Path(f"build/deploy/{env}/kustomization.yaml")
     kustomization = yaml.safe_load(wrapper.content)
     assert kustomization["resources"] == [f"../../../overlays/{env}"]
-    expected = {"name": "eu.gcr.io/PROJECT_ID/llama-factory-train", "newName": REGISTRY}
+    expected = {"name": PLACEHOLDER, "newName": REGISTRY}
     expected.update({"digest": image.digest} if env == "prod" else {"newTag": image.tag})
     assert kustomization["images"] == [expected]
     assert "gke_my-project_europe-west4_training" in plan.title
