@@ -134,12 +134,9 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay:
         assert nodes["ingress"] == [{"from": [{"podSelector": {"matchLabels": train}}]}]
         assert nodes["egress"] == [{"to": [{"podSelector": {"matchLabels": train}}]}]
 
-    egress_ports = set()
+    # The egress rules (DNS, MLflow) are checked by where they let the pods connect: test_network_policies.py.
+    assert sorted(policies) == ["allow-egress-dns", "allow-egress-mlflow"]
     for name, spec in policies.items():
-        assert spec["policyTypes"] == ["Egress"], name
-        assert "ingress" not in spec, name
+        assert spec["policyTypes"] == ["Egress"] and "ingress" not in spec, name
         for rule in spec["egress"]:
             assert rule["ports"], f"{name}: an egress rule without ports allows everything"
-            egress_ports |= {p["port"] for p in rule["ports"]}
-    assert {53, 2049} <= egress_ports
-    assert egress_ports & {5000, 443, 80}, "no egress to MLflow"
