@@ -80,6 +80,9 @@ def references(pod_spec: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(kind, name) of every object the pod cannot start without (optional references left out)."""
     if pod_spec.get("serviceAccountName"):
         yield "ServiceAccount", pod_spec["serviceAccountName"]
+    if pod_spec.get("subdomain"):
+        # A multi-node Job's pods find node 0 through this headless Service: without it rendezvous never happens.
+        yield "Service", pod_spec["subdomain"]
     for container in [*pod_spec.get("initContainers", []), *pod_spec.get("containers", [])]:
         for source in container.get("envFrom", []):
             for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):

@@ -19,7 +19,7 @@ DEPLOYED = {
     "multinode": ImageRef(REGISTRY, tag="0123456789ab"),
 }
 # Kinds the fake cluster answers for; deploy never applies Jobs.
-DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment")
+DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service")
 # Renders of identical trees (every test gets its own copy) are made once.
 _RENDERS: dict[tuple[str, ImageRef, str], list[dict[str, Any]]] = {}
 
