@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,12 +124,13 @@ def test_train_and_merge_create_a_uniquely_named_copy_of_the_deployed_template(
     pod_spec = created["spec"]["template"]["spec"]
     (container,) = pod_spec["containers"]
     assert container["image"] == str(DEPLOYED[env])
-    # It reads the ConfigMaps deploy applied: the template's identity and configuration.
+    # A copy of the Job the overlay renders with that image (named after its spec, docs/adr/009) ...
     template = created["metadata"]["annotations"]["llama-factory/template"]
-    assert template.startswith(f"llama-{component}-")
-    assert cluster.exists("ConfigMap", template)
+    assert re.fullmatch(rf"llama-{component}-[a-z0-9]{{10}}", template)
+    # ... reading the ConfigMaps deploy applied: the identity (configuration and image) and the configuration.
     image_ref = next(e for e in container["env"] if e["name"] == "IMAGE")["valueFrom"]["configMapKeyRef"]
-    assert image_ref["name"] == template
+    assert image_ref["name"].startswith(f"llama-{component}-identity-")
+    assert cluster.config_map(image_ref["name"]).data["IMAGE"] == str(DEPLOYED[env])
     assert cluster.exists("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
 
 
