@@ -101,7 +101,9 @@ def logs(job: str | None, component: str, follow: bool, tail: int) -> None:
 
 def ui(target: str, env: str | None, port: int, dry_run: bool) -> None:
     help_if_asked("ui", target)
-    run_plan(port_forward.plan_ui(target, check_env(env) if env else None, port or None), dry_run=dry_run)
+    cluster = KubeCluster() if target == "webui" else None  # the WebUI may be scaled to 0: say how to start it
+    run_plan(port_forward.plan_ui(target, check_env(env) if env else None, port or None, cluster=cluster),
+             dry_run=dry_run)
 
 
 def cleanup(target: str, everything: bool, dry_run: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from gke_sizing import gib
 from kustomize_helpers import OVERLAYS, containers, env_of, find, one, pod_specs, uses_component
 from pod_security import restricted_violations
 
@@ -92,6 +93,11 @@ def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, do
             resources = c["resources"]
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources[kind]), f"{name}/{c['name']} {kind}"
+            if name.startswith("Job/llama-merge-"):
+                # The merge requests what it holds while it waits, and bursts to its limit once it merges
+                # (test_sizing.py); an eviction above its request is retried without counting.
+                assert gib(resources["requests"]["memory"]) < gib(resources["limits"]["memory"]), name
+                continue
             # Memory request == limit: the kernel never kills a training pod for memory it was promised.
             assert resources["requests"]["memory"] == resources["limits"]["memory"], name
 

@@ -174,6 +174,23 @@ def test_ui_port_forwards(env: str, tree: Path) -> None:
         assert mlflow.commands() == [["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
 
 
+@pytest.mark.parametrize("env", ENVS)
+def test_ui_webui_says_how_to_start_a_webui_scaled_to_zero(env: str, tree: Path) -> None:
+    """prod and multinode deploy LLaMA Board with 0 replicas (it would take a training GPU otherwise)."""
+    cluster = FakeCluster(deployed(env, tree))
+    webui = next(d for d in deployed(env, tree) if d["kind"] == "Deployment")
+    if webui["spec"]["replicas"] == 0:
+        with pytest.raises(Exit) as raised:
+            plan_ui("webui", cluster=cluster)
+        assert "LLaMA Board is not running" in raised.value.message
+        assert "`kubectl scale deployment/llama-webui -n llm-training --replicas=1`" in raised.value.message
+    else:
+        assert plan_ui("webui", cluster=cluster).commands() == [
+            ["kubectl", "port-forward", "-n", "llm-training", "svc/llama-webui", "7860:7860"]]
+    with pytest.raises(Exit, match="LLaMA Board is not deployed in namespace llm-training: `invoke deploy"):
+        plan_ui("webui", cluster=FakeCluster([]))
+
+
 def test_ui_mlflow_finds_the_only_env_file(tree: Path) -> None:
     with pytest.raises(Exit, match=r"ui mlflow needs --env: .*\(found for dev, gpu, prod, multinode\)"):
         plan_ui("mlflow", root=tree)
