@@ -88,9 +88,9 @@ def validate(out: TextIO, root: Path = REPO, env: str | None = None) -> None:
             _run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", minor, *renders],
                  f"kubernetes-validate --strict against Kubernetes {minor}", out)
         # checkov renders kustomizations with the kubectl on its PATH, and silently skips them without one.
-        env = {**os.environ, "PATH": f"{Path(kubectl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        tool_env = {**os.environ, "PATH": f"{Path(kubectl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         _run([checkov, "-d", str(tree), "--framework", "kustomize", "--skip-download", "--compact", "--quiet"],
-             "checkov --framework kustomize (base, components, every overlay)", out, env=env, cwd=tree)
+             "checkov --framework kustomize (base, components, every overlay)", out, env=tool_env, cwd=tree)
         _run([checkov, "-f", str(root / "docker" / "Dockerfile"), "--framework", "dockerfile", "--skip-download",
               "--compact", "--quiet"], "checkov --framework dockerfile (docker/Dockerfile)", out)
     what = "every overlay renders" if env is None else f"overlays/{env} renders with pullable images"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,17 @@ def test_plain_kubectl_apply_of_a_shipped_overlay_is_refused(env: str, tree: Pat
     assert "kubernetes-validate" not in out.getvalue()
 
 
-def test_an_overlay_with_its_image_set_renders_only_that_image(tree: Path) -> None:
+def test_an_overlay_with_its_image_set_passes_for_plain_kubectl(tree: Path) -> None:
     image = f"{DEPLOYED['gpu'].repository}:0123456789ab"
     _set_image_as_kustomize_edit_does(tree, "gpu", image)
     docs = render_overlay("gpu", root=tree)
     assert images_of(docs) == {image}
     assert unpullable_images(docs) == []
+    shutil.copytree(Path(__file__).resolve().parents[2] / "docker", tree / "docker")
+    out = io.StringIO()
+    validate(out, tree, env="gpu")  # the whole check: kubernetes-validate and checkov included
+    assert out.getvalue().splitlines()[-1] == (
+        "validate: overlays/gpu renders with pullable images, is valid Kubernetes, and passes checkov")
 
 
 def test_deploy_refuses_an_overlay_whose_image_entry_was_renamed(tree: Path, environ: dict[str, str]) -> None:
