@@ -26,7 +26,7 @@ def build(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
     "dry-run": DRY_RUN_HELP,
 })
 def push(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
-    """Push the built image to eu.gcr.io/$PROJECT_ID (or Artifact Registry: REGION, REPOSITORY) and print its digest."""
+    """Push the built image to Artifact Registry (PROJECT_ID, REGION, REPOSITORY) and print its digest."""
     actions.push(tag=tag, dry_run=dry_run)
 
 
@@ -108,10 +108,12 @@ def cleanup(c: Context, target: str, all_: bool = False, dry_run: bool = False) 
     actions.cleanup(target, everything=all_, dry_run=dry_run)
 
 
-@task
-def validate(c: Context) -> None:
+@task(help={
+    "env": "check only this overlay as `kubectl apply -k overlays/<env>` applies it: fails on a placeholder image",
+})
+def validate(c: Context, env: str | None = None) -> None:
     """Render every overlay offline; check it with kubernetes-validate and checkov (and lint the Dockerfile)."""
-    actions.validate()
+    actions.validate(env=env)
 
 
 @task(help={

@@ -103,7 +103,9 @@ def logs(*, job: str | None, component: str, follow: bool, tail: int) -> None:
 
 def ui(target: str, *, env: str | None, port: int, dry_run: bool) -> None:
     help_if_asked("ui", target)
-    run_plan(port_forward.plan_ui(target, env=check_env(env) if env else None, port=port or None), dry_run=dry_run)
+    cluster = KubeCluster() if target == "webui" else None  # the WebUI may be scaled to 0: say how to start it
+    run_plan(port_forward.plan_ui(target, env=check_env(env) if env else None, port=port or None, cluster=cluster),
+             dry_run=dry_run)
 
 
 def cleanup(target: str, *, everything: bool, dry_run: bool) -> None:
@@ -111,8 +113,8 @@ def cleanup(target: str, *, everything: bool, dry_run: bool) -> None:
     run_plan(cleanup_plans.plan_cleanup(target, KubeCluster(), everything=everything), dry_run=dry_run)
 
 
-def validate() -> None:
-    validate_overlays(sys.stdout)
+def validate(*, env: str | None) -> None:
+    validate_overlays(sys.stdout, env=check_env(env) if env else None)
 
 
 def generate(*, check: bool, dry_run: bool) -> None:

@@ -149,6 +149,7 @@ class KubeCluster:
             "Secret": self.core.read_namespaced_secret,
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "ServiceAccount": self.core.read_namespaced_service_account,
+            "Service": self.core.read_namespaced_service,
         }[kind]
         # Metadata only would do; the client has no such call, and none of these objects is large.
         return self._call(read, name, self.namespace) is not None

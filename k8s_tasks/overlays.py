@@ -116,6 +116,15 @@ def render_overlay(env: str, image: ImageRef | None = None, root: Path = REPO) -
         return parse(render(target, kubectl))
 
 
+def images_of(docs: list[dict[str, Any]]) -> set[str]:
+    """Every container image of the workloads' pod templates."""
+    found = set()
+    for doc in docs:
+        spec = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+        found |= {c["image"] for c in [*spec.get("initContainers", []), *spec.get("containers", [])]}
+    return found
+
+
 def component_of(doc: dict[str, Any]) -> str | None:
     return ((doc.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL)
 

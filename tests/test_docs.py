@@ -178,6 +178,8 @@ NOT_SETTINGS = {
     # torchrun / torch.distributed and the Job's indexed completion.
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "FORCE_TORCHRUN",
     "JOB_COMPLETION_INDEX",
+    # A key of the kustomize-local ConfigMap that names each Job (components/job-identity, ADR-009).
+    "JOB_SPEC",
     # Signals and open(2) flags.
     "SIGTERM", "SIGKILL", "SIGINT", "O_CREAT", "O_EXCL",
     # Values of a setting, not names of one.

@@ -29,7 +29,7 @@ CURRENT_FIELDS = {
 }
 # The untracked secret file a secretGenerator reads (absent in a fresh clone), and its committed example.
 SECRET_FILES = {"mlflow.env.example", "mlflow.env"}
-IMAGE = "eu.gcr.io/PROJECT_ID/llama-factory-train"
+IMAGE = "REGION-docker.pkg.dev/PROJECT/REPOSITORY/llama-factory-train"
 
 
 def _load(path: Path) -> dict:

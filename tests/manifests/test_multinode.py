@@ -85,7 +85,7 @@ def test_nnodes_is_the_number_of_pods_and_all_run_at_once(overlay: str, docs: di
 def test_every_pod_finds_node_zero_through_the_headless_service(overlay: str, docs: dict) -> None:
     job = _job(docs[overlay])
     pod = job["spec"]["template"]
-    service = one(docs[overlay], "Service", "train")
+    service = _named(docs[overlay], "Service", "llama-train-nodes")
     name = service["metadata"]["name"]
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert "ports" not in service["spec"], "DNS only: the pods connect to each other directly"
@@ -172,7 +172,8 @@ def test_the_component_makes_another_overlay_multinode(manifest_tree: Path, tmp_
     docs = parse(render(variant / "overlays" / "gpu"))
     job = _job(docs)
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
-    assert job["spec"]["template"]["spec"]["subdomain"] == one(docs, "Service", "train")["metadata"]["name"]
+    service = _named(docs, "Service", "llama-train-nodes")
+    assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
     assert load_settings(pod_env(docs, 2)).master_addr == f"{job['metadata']['name']}-0.llama-train-nodes"
     assert "allow-train-nodes" in {p["metadata"]["name"] for p in find(docs, "NetworkPolicy")}
 

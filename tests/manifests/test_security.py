@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from gke_sizing import gib
 from kustomize_helpers import containers, env_of, pod_specs, uses_component
 from pod_security import restricted_violations
 
@@ -94,6 +95,11 @@ def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, do
             resources = c["resources"]
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources[kind]), f"{name}/{c['name']} {kind}"
+            if name.startswith("Job/llama-merge-"):
+                # The merge requests what it holds while it waits, and bursts to its limit once it merges
+                # (test_sizing.py); an eviction above its request is retried without counting.
+                assert gib(resources["requests"]["memory"]) < gib(resources["limits"]["memory"]), name
+                continue
             # Memory request == limit: the kernel never kills a training pod for memory it was promised.
             assert resources["requests"]["memory"] == resources["limits"]["memory"], name
 
@@ -136,12 +142,9 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay:
         assert nodes["ingress"] == [{"from": [{"podSelector": {"matchLabels": train}}]}]
         assert nodes["egress"] == [{"to": [{"podSelector": {"matchLabels": train}}]}]
 
-    egress_ports = set()
+    # The egress rules (DNS, MLflow) are checked by where they let the pods connect: test_network_policies.py.
+    assert sorted(policies) == ["allow-egress-dns", "allow-egress-mlflow"]
     for name, spec in policies.items():
-        assert spec["policyTypes"] == ["Egress"], name
-        assert "ingress" not in spec, name
+        assert spec["policyTypes"] == ["Egress"] and "ingress" not in spec, name
         for rule in spec["egress"]:
             assert rule["ports"], f"{name}: an egress rule without ports allows everything"
-            egress_ports |= {p["port"] for p in rule["ports"]}
-    assert {53, 2049} <= egress_ports
-    assert egress_ports & {5000, 443, 80}, "no egress to MLflow"

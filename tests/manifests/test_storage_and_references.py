@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import pytest
@@ -39,20 +38,6 @@ def test_storage_is_a_200gi_read_write_many_claim_on_nfs(overlay: str, docs: dic
         }
         for c in containers(spec):
             assert [m["mountPath"] for m in c["volumeMounts"] if m["name"] in claims] == ["/storage"], name
-
-
-@pytest.mark.parametrize("overlay", ENVS)
-def test_nfs_egress_covers_the_nfs_server(overlay: str, docs: dict) -> None:
-    server = ipaddress.ip_address(one(docs[overlay], "PersistentVolume")["spec"]["nfs"]["server"])
-    policy = next(
-        p for p in find(docs[overlay], "NetworkPolicy") if p["metadata"]["name"] == "allow-egress-nfs"
-    )
-    cidrs = [
-        ipaddress.ip_network(peer["ipBlock"]["cidr"])
-        for rule in policy["spec"]["egress"]
-        for peer in rule["to"]
-    ]
-    assert any(server in cidr for cidr in cidrs)
 
 
 @pytest.mark.parametrize("overlay", ENVS)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from kustomize_helpers import containers, env_of
 
 from entrypoint.errors import ExitCode
+from k8s_tasks.image import PLACEHOLDER, placeholder_problem
 from k8s_tasks.overlays import ENVS, find, one
+from k8s_tasks.validate import unpullable_images
 
 GPU = "nvidia.com/gpu"
 COMMANDS = {"train": "train", "merge": "merge", "webui": "webui"}
@@ -140,7 +140,8 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
     assert _config(docs[overlay])["WEBUI_WORKDIR"].startswith("/storage/")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": "http"}, probe
-    assert deployment["spec"]["replicas"] == 1
+    # prod and multinode start it at 0 (test_sizing.py: it never takes a training GPU).
+    assert deployment["spec"]["replicas"] == (0 if overlay in ("prod", "multinode") else 1)
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
     service = one(docs[overlay], "Service", "webui")
@@ -153,18 +154,17 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
 
 
 @pytest.mark.parametrize("overlay", ENVS)
-def test_one_image_set_by_the_overlay(overlay: str, docs: dict) -> None:
+def test_one_image_set_by_the_overlay_and_it_is_a_placeholder(overlay: str, docs: dict) -> None:
+    """Every workload runs the one image the overlay's `images:` entry sets: Artifact Registry's layout with
+    REGION, PROJECT and REPOSITORY still to fill in, so a shipped overlay never reaches a cluster silently."""
     images = {c["image"] for _, c in _all_containers(docs[overlay])}
     assert len(images) == 1
     (image,) = images
-    assert image.startswith("eu.gcr.io/PROJECT_ID/llama-factory-train")
+    assert image.startswith(f"{PLACEHOLDER}@" if overlay == "prod" else f"{PLACEHOLDER}:")
     assert "set-by-overlay" not in image and not image.endswith(":latest")
-    if overlay == "prod":
-        assert re.fullmatch(r"eu\.gcr\.io/PROJECT_ID/llama-factory-train@sha256:[0-9a-f]{64}", image)
-    else:
-        assert re.fullmatch(r"eu\.gcr\.io/PROJECT_ID/llama-factory-train:[\w][\w.-]*", image)
-
-
+    assert "gcr.io" not in image, "Container Registry was shut down in 2025"
+    assert placeholder_problem(image) is not None
+    assert unpullable_images(docs[overlay]) == [placeholder_problem(image)]
 def _all_containers(docs: list[dict]):
     for kind in ("Job", "Deployment"):
         for workload in find(docs, kind):

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "status", "test", "train",
          "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
+REGISTRY_ENV = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "REPOSITORY": "training"}
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -55,7 +56,7 @@ def test_task_help_explains_every_option(task: str) -> None:
 
 
 def test_build_without_docker_stops_with_what_to_install(path_without: Callable[..., str]) -> None:
-    env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("docker")}
     result = invoke("build", "--tag=0123456789ab", env=env)
     assert result.returncode == 1
     assert "docker not found on PATH: install Docker" in result.stderr
@@ -63,11 +64,11 @@ def test_build_without_docker_stops_with_what_to_install(path_without: Callable[
 
 
 def test_build_dry_run_works_without_docker_and_names_what_is_missing(path_without: Callable[..., str]) -> None:
-    env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("docker")}
     result = invoke("build", "--tag=0123456789ab", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert "$ docker build --platform linux/amd64 --file docker/Dockerfile --tag " \
-           "eu.gcr.io/my-project/llama-factory-train:0123456789ab" in result.stdout
+           "europe-west4-docker.pkg.dev/my-project/training/llama-factory-train:0123456789ab" in result.stdout
     assert "a real run would stop before its first step: docker not found on PATH" in result.stdout
 
 
@@ -76,12 +77,12 @@ def test_unset_project_id_stops_before_anything_runs(task: tuple[str, ...]) -> N
     env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ID", "REGION", "REPOSITORY")}
     result = invoke(*task, env=env)
     assert result.returncode == 1
-    assert "PROJECT_ID is not set: `export PROJECT_ID=<your GCP project>`" in result.stderr
+    assert "PROJECT_ID and REGION and REPOSITORY are not set: the image lives in Artifact Registry" in result.stderr
     assert "$ " not in result.stdout
 
 
 def test_deploy_needs_an_env() -> None:
-    result = invoke("deploy", env={**os.environ, "PROJECT_ID": "my-project"})
+    result = invoke("deploy", env={**os.environ, **REGISTRY_ENV})
     assert result.returncode == 1
     assert "--env must be one of dev, gpu, prod" in result.stderr
 

@@ -119,6 +119,19 @@ def test_a_missing_secret_is_named(tree: Path) -> None:
         plan_start("gpu", "train", cluster, now=NOW, root=tree)
 
 
+def test_a_multinode_job_needs_its_headless_service(tree: Path) -> None:
+    """Without llama-train-nodes node 0 has no DNS name and the rendezvous never happens: refused before the
+    Job exists. The merge Job (one pod) does not need it."""
+    objects = deployed("multinode", tree)
+    without = [d for d in objects if (d["kind"], d["metadata"]["name"]) != ("Service", "llama-train-nodes")]
+    assert len(without) == len(objects) - 1
+    with pytest.raises(Exit, match=r"the train Job needs objects missing from namespace llm-training: "
+                                   r"Service/llama-train-nodes; `invoke deploy --env=multinode` creates them"):
+        plan_start("multinode", "train", FakeCluster(without), now=NOW, root=tree)
+    plan_start("multinode", "merge", FakeCluster(without), now=NOW, root=tree)
+    plan_start("multinode", "train", FakeCluster(objects), now=NOW, root=tree)
+
+
 def test_an_existing_job_name_is_refused(tree: Path) -> None:
     cluster = FakeCluster(deployed("dev", tree) + [job("llama-train-20260102-030405")])
     with pytest.raises(Exit, match="already exists"):
