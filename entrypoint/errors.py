@@ -31,6 +31,10 @@ class ExitCode(enum.IntEnum):
         return EXIT_MEANINGS[self]
 
 
+# Codes the Jobs' podFailurePolicy does not retry (FailJob): training records them beside its output, so a
+# merge waiting for it stops waiting.
+TERMINAL_CODES = frozenset({ExitCode.CONFIG})
+
 EXIT_MEANINGS = {
     ExitCode.OK: "done, or skipped because the same work was already complete",
     ExitCode.INTERNAL: "unexpected failure (retried up to backoffLimit)",

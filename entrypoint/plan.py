@@ -16,7 +16,15 @@ from typing import Any
 from entrypoint import datasets
 from entrypoint.errors import ConfigError
 from entrypoint.fingerprint import digest
-from entrypoint.model_dir import check_trainable_base, model_identity
+from entrypoint.model_dir import (
+    EMBEDDING_MODULES,
+    UNTIE_MODEL_TYPES,
+    BaseModel,
+    check_trainable_base,
+    model_identity,
+    tied_embeddings_problem,
+    tied_input_embedding,
+)
 from entrypoint.settings import Settings, llamafactory_values, non_result_lf_keys
 from entrypoint.storage import STATE_DIR
 
@@ -56,6 +64,7 @@ class TrainPlan:
     fingerprint: str
     fingerprint_inputs: dict[str, Any]
     data: datasets.ResolvedDatasets
+    base: BaseModel
 
 
 def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
@@ -111,6 +120,18 @@ def check_deepspeed_possible(args: dict[str, Any], settings: Settings) -> None:
         )
 
 
+def check_publishable(base: BaseModel, args: dict[str, Any]) -> None:
+    """Refuse now what the merge could not publish as trained, rather than after the GPU hours: training the
+    input embedding or the head of a base that ties them, for a model type vLLM always ties."""
+    if args.get("finetuning_type") != "lora" or tied_input_embedding(base) is None:
+        return
+    modules = {m.strip() for key in ("lora_target", "additional_target") for m in str(args.get(key) or "").split(",")}
+    if (modules & EMBEDDING_MODULES or args.get("resize_vocab")) and base.config.get("model_type") not in \
+            UNTIE_MODEL_TYPES:
+        raise ConfigError(f"BASE_MODEL_PATH={str(base.directory)!r}: "
+                          + tied_embeddings_problem(base.config.get("model_type")))
+
+
 def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> dict[str, Any]:
     """The settings' own arguments (settings.llamafactory_values) and the few this entrypoint derives."""
     s = settings
@@ -142,7 +163,7 @@ def result_args(args: dict[str, Any]) -> dict[str, Any]:
 def build_plan(settings: Settings) -> TrainPlan:
     """Everything the decision needs, computed without heavy imports and without writing anything."""
     output = Path(settings.lora_output_path)
-    check_trainable_base(Path(settings.base_model_path))
+    base = check_trainable_base(Path(settings.base_model_path))
     overrides = read_yaml_overrides(settings)
     data = datasets.resolve(
         Path(settings.dataset_path),
@@ -156,9 +177,10 @@ def build_plan(settings: Settings) -> TrainPlan:
         check_qlora_possible()
     if args.get("deepspeed"):
         check_deepspeed_possible(args, settings)
+    check_publishable(base, args)
     inputs = {
         "args": result_args(args),
         "model": model_identity(Path(settings.base_model_path)),
         "data": data.identity(),
     }
-    return TrainPlan(settings, output, args, digest(inputs), inputs, data)
+    return TrainPlan(settings, output, args, digest(inputs), inputs, data, base)

@@ -208,6 +208,10 @@ class Settings:
     logging_steps: int = option(
         "LOGGING_STEPS", "10", "Log loss and learning rate every this many steps.", "training", minimum=1,
         lf_key="logging_steps")
+    trust_remote_code: bool = option(
+        "TRUST_REMOTE_CODE", "false", "Run the Python code a base model ships (config.json auto_map) for a model type "
+        "transformers does not know. Only for models whose code you have read: it runs in every training pod.",
+        "training", lf_key="trust_remote_code")
     llamafactory_config: str = option(
         "LLAMAFACTORY_CONFIG", "",
         "Optional LLaMA-Factory YAML for advanced options; its keys override the variables above "

@@ -211,6 +211,30 @@ def lock_path_for(output: Path) -> Path:
     return output.with_name(f".{output.name}.lock")
 
 
+def failure_path_for(output: Path) -> Path:
+    """Beside the output, like the lock: a run refused before writing anything leaves the output untouched."""
+    return output.with_name(f".{output.name}.failed.json")
+
+
+def record_failure(output: Path, code: int, message: str, job_name: str) -> None:
+    """Training ended in a way no retry can fix: the merge that waits for this output stops waiting."""
+    if not output.parent.is_dir():
+        return  # nothing was ever written here, and no merge can be waiting for it
+    try:
+        atomic_write_json(failure_path_for(output), {"exit_code": code, "message": message, "job_name": job_name,
+                                                     "failed_at": time.time()})
+    except OSError as exc:
+        log.warning("could not record the failure beside %s: %s", output, exc)
+
+
+def clear_failure(output: Path) -> None:
+    failure_path_for(output).unlink(missing_ok=True)
+
+
+def read_failure(output: Path) -> dict[str, Any] | None:
+    return read_json(failure_path_for(output))
+
+
 def move_aside(path: Path) -> Path:
     """Rename an existing output to <path>.replaced-<UTC time>; nothing is deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

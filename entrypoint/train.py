@@ -26,7 +26,7 @@ from typing import Any
 
 from entrypoint import datasets
 from entrypoint.decisions import Action, Decision, checkpoint_layout_problem, decide, observe_output
-from entrypoint.errors import ConfigError, EntrypointError, ExitCode, TemporaryFailure, finish
+from entrypoint.errors import TERMINAL_CODES, ConfigError, EntrypointError, ExitCode, TemporaryFailure, finish
 from entrypoint.files import atomic_write_json, read_json
 from entrypoint.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from entrypoint.plan import TrainPlan, build_plan
@@ -34,10 +34,12 @@ from entrypoint.settings import Settings, check_topology
 from entrypoint.storage import (
     RUN_FILE,
     OutputLock,
+    clear_failure,
     lock_path_for,
     move_aside,
     owner_id,
     read_marker,
+    record_failure,
     state_dir,
     write_marker,
 )
@@ -65,6 +67,17 @@ class RunRecord:
 
 
 def run(settings: Settings) -> int:
+    """Train; a failure no retry can fix is recorded beside the output (node 0), so a merge waiting for this
+    output stops waiting (merge_inputs.wait_for_adapter); a run that gets past validation clears it."""
+    try:
+        return _run(settings)
+    except EntrypointError as exc:
+        if exc.exit_code in TERMINAL_CODES and settings.node_rank == 0:
+            record_failure(Path(settings.lora_output_path), int(exc.exit_code), str(exc), settings.job_name)
+        raise
+
+
+def _run(settings: Settings) -> int:
     t0 = time.monotonic()
     check_topology(settings)
     plan = build_plan(settings)
@@ -74,6 +87,8 @@ def run(settings: Settings) -> int:
                       f"(fingerprint {plan.fingerprint[:12]})")
     refuse_if_asked(plan, decision)
     template = check_before_writing(plan)
+    if settings.node_rank == 0:
+        clear_failure(plan.output)
     if settings.node_rank > 0:
         return train_follower(plan, decision)
 
@@ -99,6 +114,7 @@ def check_before_writing(plan: TrainPlan) -> dict[str, Any]:
     datasets.validate(plan.data, Path(settings.dataset_path))
     from entrypoint import worker  # the heavy imports start here, once there is work to do
 
+    worker.check_model_type(plan.base.config, settings.trust_remote_code)
     template = worker.check_args(plan.lf_args)
     if settings.tracking == "mlflow":
         # Every node checks: with MLflow down all of them exit 75 at once, instead of the others waiting for

@@ -173,6 +173,28 @@ def check_args(lf_args: dict[str, Any]) -> dict[str, Any]:
     return template
 
 
+def check_model_type(config: Any, trust_remote_code: bool) -> None:
+    """A base transformers can build: a model type it knows, or custom code the user allowed to run."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING_NAMES:
+        return
+    if not config.get("auto_map"):
+        raise ConfigError(f"the base model's model_type {model_type!r} is not one transformers {_version()} knows, "
+                          "and the model ships no code for it (config.json has no auto_map): it cannot be trained")
+    if not trust_remote_code:
+        raise ConfigError(f"the base model's model_type {model_type!r} is not one transformers {_version()} knows: "
+                          "it needs the Python code it ships (config.json auto_map). Read that code, then set "
+                          "TRUST_REMOTE_CODE=true to run it")
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def check_template(name: Any) -> dict[str, Any]:
     """The chat template, checked against LLaMA-Factory's registry (it would fail only once training starts),
     and what it does to the tokenizer: its stop words, the first of which replaces the EOS when replace_eos.

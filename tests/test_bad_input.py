@@ -45,6 +45,38 @@ def _pickle_only_base(storage: Storage) -> dict[str, str]:
     return {"BASE_MODEL_PATH": str(base)}
 
 
+def _base_copy(storage: Storage, name: str, **config_changes) -> Path:
+    import shutil
+
+    base = Path(shutil.copytree(storage.base, storage.root / "models" / name))
+    config = json.loads((base / "config.json").read_text())
+    config.update(config_changes)
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
+def _custom_code_base(storage: Storage) -> dict[str, str]:
+    base = _base_copy(storage, "custom", model_type="tinyllm", auto_map={"AutoModelForCausalLM": "modeling.TinyLM"})
+    return {"BASE_MODEL_PATH": str(base)}
+
+
+def _unknown_model_type(storage: Storage) -> dict[str, str]:
+    return {"BASE_MODEL_PATH": str(_base_copy(storage, "unknown", model_type="tinyllm"))}
+
+
+def _tied_gpt2_base(storage: Storage) -> dict[str, str]:
+    """A GPT-2 base ties its head to its input embedding, and vLLM always ties them for GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from entrypoint.tinymodel import build_tokenizer
+
+    base = storage.root / "models" / "gpt2"
+    tokenizer = build_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=1, n_head=2)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return {"BASE_MODEL_PATH": str(base), "LORA_TARGET": "c_attn,wte"}
+
+
 def _jsonl(storage: Storage) -> dict[str, str]:
     (storage.data / "dataset_info.json").unlink()
     _write(storage.data / "lines.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
@@ -82,6 +114,11 @@ CASES: list[Case] = [
     ("missing-model", lambda s: {"BASE_MODEL_PATH": str(s.root / "models" / "nope")}, "does not exist"),
     ("model-without-config", _model_without_config, "has no config.json"),
     ("base-weights-only-pickle", _pickle_only_base, "has no safetensors weights"),
+    ("base-needs-its-own-code", _custom_code_base, "set TRUST_REMOTE_CODE=true to run it"),
+    ("base-of-unknown-type", _unknown_model_type, "model_type 'tinyllm' is not one transformers"),
+    ("tied-head-vllm-cannot-untie", _tied_gpt2_base, "which model type 'gpt2' cannot load in vLLM"),
+    ("template-unknown", lambda s: {"TEMPLATE": "llama4000"}, "TEMPLATE='llama4000' is not a LLaMA-Factory chat "
+     "template (did you mean"),
     ("missing-dataset-dir", lambda s: {"DATASET_PATH": str(s.root / "no-data")}, "is not a directory"),
     ("dataset-not-registered", lambda s: {"DATASET": "other"},
      "DATASET='other' is not in"),
