@@ -43,19 +43,21 @@ class ResolvedDatasets:
 
 def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, record) for a JSON array file or a JSON Lines file."""
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(4096).lstrip()
+    with open(path, "rb") as fh:
+        head = _decode(path, fh.read(4096), 0, complete=False).lstrip()
     if head.startswith("["):
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(_decode(path, path.read_bytes(), 0))
+        except ValueError as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         for index, record in enumerate(data):
             yield f"record {index}", record
         return
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode(path, raw, offset, lineno)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -65,6 +67,17 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
                     f"{path}: line {lineno} is not valid JSON ({exc}); expected a JSON array of records "
                     "or one JSON object per line"
                 ) from None
+
+
+def _decode(path: Path, raw: bytes, offset: int, lineno: int | None = None, complete: bool = True) -> str:
+    """UTF-8 text, or a ConfigError naming the file, the byte offset and the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8") if complete else raw.decode("utf-8", errors="ignore")
+    except UnicodeDecodeError as exc:
+        where = offset + exc.start
+        line = lineno if lineno is not None else raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: byte {where} (line {line}) is {raw[exc.start]:#04x}, not UTF-8: datasets must "
+                          "be UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _nonempty_str(value: Any) -> bool:

@@ -7,6 +7,7 @@ Kubernetes reads the exit code (podFailurePolicy) and the termination log (`kube
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import sys
 
@@ -63,9 +64,19 @@ class TemporaryFailure(EntrypointError):
 
 
 class Interrupted(EntrypointError):
-    """SIGTERM arrived; work stopped at a safe point."""
+    """SIGTERM arrived; work stopped at a safe point. `deadline` (time.monotonic) is when the pod must have
+    exited: what is left to do on the way out (MLflow) gets only the time before it."""
 
     exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, message: str, deadline: float | None = None) -> None:
+        super().__init__(message)
+        self.deadline = deadline
+
+    def time_left(self, default: float) -> float:
+        import time
+
+        return default if self.deadline is None else max(0.5, self.deadline - time.monotonic())
 
 
 _termination_log = DEFAULT_TERMINATION_LOG
@@ -90,7 +101,8 @@ def write_termination_log(message: str, path: str | None = None) -> None:
 
 
 def finish(code: ExitCode, message: str) -> int:
-    """Report the outcome on stderr and in the termination log, return the exit code."""
+    """Report the outcome on stderr and in the termination log, in one line, and return the exit code."""
+    message = " ".join(message.split())
     if code == ExitCode.OK:
         log.info(message)
     else:
@@ -99,9 +111,33 @@ def finish(code: ExitCode, message: str) -> int:
     return int(code)
 
 
-def exit_code_for(exc: BaseException) -> ExitCode:
+# What the storage says, and what it means for a retry: a full or read-only volume, or one this UID may not
+# write, stays so (the Job fails at once, naming the path); an NFS server that went away may come back.
+_STORAGE_ERRORS = {
+    errno.ENOSPC: (ExitCode.CONFIG, "no space left on the storage: free space (MERGE_KEEP_VERSIONS, "
+                                    "SAVE_TOTAL_LIMIT and old outputs take space) or use a larger volume"),
+    errno.EDQUOT: (ExitCode.CONFIG, "the storage quota is used up: free space or raise the quota"),
+    errno.EROFS: (ExitCode.CONFIG, "the storage is mounted read-only: mount it read-write"),
+    errno.EACCES: (ExitCode.CONFIG, "permission denied: the pods run as UID 10001, which must be able to write "
+                                    "there (README: storage ownership)"),
+    errno.EPERM: (ExitCode.CONFIG, "operation not permitted: the pods run as UID 10001, which must own what it "
+                                   "writes (README: storage ownership)"),
+    errno.ESTALE: (ExitCode.TEMPORARY, "the NFS file handle went stale (the server restarted or the export changed)"),
+    errno.EIO: (ExitCode.TEMPORARY, "input/output error on the storage"),
+    errno.ETIMEDOUT: (ExitCode.TEMPORARY, "the storage did not answer in time"),
+}
+
+
+def describe_failure(exc: BaseException) -> tuple[ExitCode, str]:
+    """The exit code and the one-line message for any exception: the single place failures become the
+    contract (cli.main, and each training rank's report in worker.main)."""
     if isinstance(exc, EntrypointError):
-        return exc.exit_code
+        return exc.exit_code, str(exc) or type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):
-        return ExitCode.INTERRUPTED
-    return ExitCode.INTERNAL
+        return ExitCode.INTERRUPTED, "interrupted"
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
+        code, meaning = _STORAGE_ERRORS[exc.errno]
+        where = " and ".join(str(name) for name in (exc.filename, exc.filename2) if name)
+        return code, f"{where or 'the storage'}: {meaning}"
+    return ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+

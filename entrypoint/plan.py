@@ -25,7 +25,7 @@ from entrypoint.model_dir import (
     tied_embeddings_problem,
     tied_input_embedding,
 )
-from entrypoint.settings import Settings, llamafactory_values, non_result_lf_keys
+from entrypoint.settings import FIELDS, Settings, llamafactory_values, non_result_lf_keys
 from entrypoint.storage import STATE_DIR
 
 OWNED_KEYS = {
@@ -50,6 +50,7 @@ NON_RESULT_KEYS = non_result_lf_keys() | {
     "output_dir", "dataset_dir", "report_to", "plot_loss", "overwrite_output_dir", "resume_from_checkpoint",
     "deepspeed", "preprocessing_num_workers", "dataloader_num_workers", "overwrite_cache",
 }
+FIELDS_BY_LF_KEY = {f.lf_key: f for f in FIELDS if f.lf_key}
 # DeepSpeed configs shipped inside the package (LLaMA-Factory's examples/deepspeed, "auto" values filled in
 # by transformers from the training arguments).
 DEEPSPEED_CONFIGS = {"zero2": "ds_z2.json", "zero3": "ds_z3.json"}
@@ -90,7 +91,31 @@ def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
             f"LLAMAFACTORY_CONFIG={path_text!r} sets {', '.join(owned)}: these are owned by the entrypoint; "
             + "; ".join(f"{k} -> {OWNED_KEYS[k]}" for k in owned)
         )
+    problems = [problem for key, value in data.items() if (problem := yaml_value_problem(key, value))]
+    if problems:
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r}: " + "; ".join(problems))
     return data
+
+
+def yaml_value_problem(key: str, value: Any) -> str | None:
+    """A YAML key that a setting also sets gets that setting's validation (type and bounds); the others are
+    type-checked against LLaMA-Factory's own argument classes once it is imported (worker.check_types)."""
+    field = FIELDS_BY_LF_KEY.get(key)
+    if field is None:
+        return None
+    if isinstance(value, bool):
+        raw = "true" if value else "false"
+    elif isinstance(value, (int, float, str)):
+        raw = str(value)
+    else:
+        raw = None
+    try:
+        if raw is None or (field.kind in ("int", "float") and isinstance(value, bool)):
+            raise ValueError
+        field.parse(raw)
+    except ValueError:
+        return f"{key}={value!r} is not valid: expected {field.allowed()}"
+    return None
 
 
 def check_qlora_possible() -> None:
