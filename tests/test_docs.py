@@ -178,6 +178,8 @@ NOT_SETTINGS = {
     # torchrun / torch.distributed and the Job's indexed completion.
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "FORCE_TORCHRUN",
     "JOB_COMPLETION_INDEX",
+    # docker/Dockerfile: a build argument, and what the image sets for MLflow and other libraries.
+    "BASE_IMAGE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
     # Signals and open(2) flags.
     "SIGTERM", "SIGKILL", "SIGINT", "O_CREAT", "O_EXCL",
     # Values of a setting, not names of one.
