@@ -55,25 +55,39 @@ def buildah_argv(*args: str) -> list[str]:
     return ["buildah", "--root", str(STORE / "storage"), "--runroot", str(RUN_STATE), *args]
 
 
-def _run(argv: list[str], *, log: Path | None = None, timeout: float = 300, cwd: Path = REPO,
-         env: Mapping[str, str] | None = None) -> str:
-    """Run a command to completion (its whole process group is killed on timeout); stdout, else BuildahFailed
-    with the last lines it printed."""
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - closed below
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a command and everything it started (its own session): SIGTERM lets buildah remove its working
+    container and mounts; SIGKILL after 30 s."""
     try:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                                env=None if env is None else dict(env), start_new_session=True)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> tuple[str | None, str | None]:
+    """proc's output; on timeout (TimeoutExpired) or an interrupt, the command is stopped first."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _run(argv: list[str], *, log: Path | None = None, timeout: float = 300, cwd: Path = REPO) -> str:
+    """Run a command to completion in a session of its own; its stdout, else BuildahFailed with the last
+    lines it printed (a log file holds them all)."""
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out if log else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=cwd, start_new_session=True)
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
+            stdout, _ = communicate(proc, timeout)
+            code: int | str = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             stdout, code = None, f"timed out after {timeout:.0f} s"
-        else:
-            code = proc.returncode
-    finally:
-        if log:
-            out.close()
     text = log.read_text(errors="replace") if log else (stdout or "")
     if code != 0:
         tail = "\n".join(text.splitlines()[-40:])
@@ -149,10 +163,9 @@ class PipSources:
     mounts: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _pip_settings() -> dict[str, str]:
-    """`pip config list` as pip applies it to `pip install`: PIP_* variables, then [install], then [global]."""
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             check=True).stdout
+def _pip_settings(listing: str) -> dict[str, str]:
+    """`pip config list`'s output as pip applies it to `pip install`: PIP_* variables, then [install], then
+    [global]."""
     found: dict[str, dict[str, str]] = {}
     for scope, key, value in re.findall(r"^([^.\n]*)\.([^=\n]+)='(.*)'$", listing, re.MULTILINE):
         found.setdefault(key, {})[scope] = value
@@ -161,10 +174,17 @@ def _pip_settings() -> dict[str, str]:
 
 
 def host_pip_sources() -> PipSources:
-    """What the host's pip installs from (index, extra indexes, find-links), usable inside the build: a local
-    folder is mounted read-only below BUILD_HOME with its top-level folder (a file:// index links to files
-    relative to itself), and the CA bundle the host trusts comes along at a path of its own."""
-    settings = _pip_settings()
+    """Where this machine's pip installs from: what installed the tests' own environment."""
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             check=True).stdout
+    return pip_sources(listing)
+
+
+def pip_sources(listing: str, default_cert: str = "/etc/ssl/certs/ca-certificates.crt") -> PipSources:
+    """The settings of a `pip config list` (index, extra indexes, find-links, CA bundle) made usable inside
+    the build: a local folder is mounted read-only below BUILD_HOME with its top-level folder (a file://
+    index links to files relative to itself), and the CA bundle comes along at a path of its own."""
+    settings = _pip_settings(listing)
     mounts: dict[str, str] = {}
 
     def inside(location: str) -> str | None:
@@ -189,7 +209,7 @@ def host_pip_sources() -> PipSources:
             lines.append(f"{key} = {' '.join(locations)}")
     if trusted := settings.get("trusted-host"):
         lines.append(f"trusted-host = {trusted}")
-    cert = settings.get("cert") or "/etc/ssl/certs/ca-certificates.crt"
+    cert = settings.get("cert") or default_cert
     volumes = [(host, path) for host, path in sorted(mounts.items())]
     if Path(cert).is_file():
         lines.append(f"cert = {BUILD_HOME}/host-ca.crt")
@@ -207,13 +227,20 @@ def build_command(base: str, revision: str, sources: PipSources, home: Path, tar
     target, the command builds (and tags) only that stage."""
     (argv,) = build_plan(IMAGE, revision, builder="buildah", base_image=base, torch_variant="cpu").commands()
     *options, context = argv[1:]
-    extra = ["--layers", "--build-arg", f"TORCH_INDEX_URL={sources.index_url}", "--volume", f"{home}:{BUILD_HOME}"]
+    extra = ["--layers", "--force-rm", "--build-arg", f"TORCH_INDEX_URL={sources.index_url}",
+             "--volume", f"{home}:{BUILD_HOME}"]
     for host, path in sources.mounts:
         extra += ["--volume", f"{host}:{path}:ro"]
     if target:
         options[options.index("--tag") + 1] = f"{IMAGE}-{target}-stage"
         extra += ["--target", target]
     return [*options, *extra, context]
+
+
+def remove_working_containers() -> None:
+    """Remove every working container of the tests' store, with its mounts: what a run that was killed
+    before its teardown left."""
+    buildah("rm", "--all")
 
 
 def build_image(base: str, log: Path) -> str:
@@ -293,11 +320,9 @@ class Pod:
         proc = subprocess.Popen(argv_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            stdout, stderr = communicate(proc, timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            raise AssertionError(f"{argv} ran over {timeout:.0f} s; its last lines:\n{stderr[-3000:]}") from None
+            raise AssertionError(f"{list(argv)} ran over {timeout:.0f} s") from None
         return Result(proc.returncode, stdout, stderr)
 
 

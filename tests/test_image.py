@@ -19,13 +19,17 @@ from pathlib import Path
 import pytest
 from image_build import (
     BUILD_HOME,
+    BuildahFailed,
     PipSources,
     Pod,
     base_image,
     build_command,
     build_image,
+    buildah,
     leftovers,
+    pip_sources,
     pod,
+    remove_working_containers,
 )
 
 from entrypoint.errors import ExitCode
@@ -45,16 +49,28 @@ def config_map() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
         pytest.fail("the image tests run as root (buildah --isolation chroot, debootstrap), as CI does")
     for tool in ("buildah", "debootstrap", "ip", "unshare"):
         assert shutil.which(tool), f"{tool} not found on PATH: `./dev.sh test` installs it"
-    logs = tmp_path_factory.mktemp("image-build")
+    remove_working_containers()
+    return tmp_path_factory.mktemp("image-build")
+
+
+@pytest.fixture(scope="module")
+def base(logs: Path) -> str:
     started = time.monotonic()
-    base = base_image(logs / "debootstrap.log")
+    name = base_image(logs / "debootstrap.log")
+    print(f"base {name} ready in {time.monotonic() - started:.0f} s")
+    return name
+
+
+@pytest.fixture(scope="module")
+def image(base: str, logs: Path) -> str:
+    started = time.monotonic()
     built = build_image(base, logs / "build.log")
-    print(f"image {built} ready in {time.monotonic() - started:.0f} s (log: {logs})")
+    print(f"image {built} ready in {time.monotonic() - started:.0f} s (logs: {logs})")
     return built
 
 
@@ -82,7 +98,27 @@ def chown_tree(root: Path) -> None:
         os.chown(path, UID, GID, follow_symlinks=False)
 
 
-def test_the_build_uses_invoke_builds_command_and_the_hosts_package_sources(tmp_path: Path) -> None:
+def test_the_build_reads_the_hosts_package_sources_through_mounts_of_its_own(tmp_path: Path) -> None:
+    wheels, index, cert = tmp_path / "wheels", tmp_path / "pypi" / "simple", tmp_path / "ca.crt"
+    wheels.mkdir()
+    index.mkdir(parents=True)
+    cert.write_text("")
+    listing = (f":env:.find-links='{wheels}'\nglobal.find-links='/elsewhere'\n"
+               f"global.extra-index-url='file://{index} https://mirror.example/simple'\n"
+               f"global.cert='{cert}'\nglobal.constraint='/etc/caps.txt'\n")
+    sources = pip_sources(listing)
+    top = f"/{tmp_path.parts[1]}"  # a file:// index links to files relative to itself: its whole tree goes in
+    assert sources.mounts == [(top, f"{BUILD_HOME}/host{top}"), (str(cert), f"{BUILD_HOME}/host-ca.crt")]
+    assert sources.index_url == "https://pypi.org/simple"
+    assert sources.conf.splitlines() == [
+        "[global]",
+        f"extra-index-url = file://{BUILD_HOME}/host{index} https://mirror.example/simple",
+        f"find-links = {BUILD_HOME}/host{wheels}",  # the PIP_FIND_LINKS variable wins, as in pip
+        f"cert = {BUILD_HOME}/host-ca.crt",
+    ]
+
+
+def test_the_build_is_invoke_builds_command_plus_the_test_builds_needs(tmp_path: Path) -> None:
     sources = PipSources("https://pypi.org/simple", "", [("/opt", f"{BUILD_HOME}/host/opt"),
                                                          ("/etc/ca.crt", f"{BUILD_HOME}/host-ca.crt")])
     argv = build_command("localhost/base:1", "f" * 40, sources, tmp_path)
@@ -92,6 +128,16 @@ def test_the_build_uses_invoke_builds_command_and_the_hosts_package_sources(tmp_
     # The host's CA bundle never replaces the image's own (dpkg writes that one).
     assert not any(arg.endswith(":/etc/ssl/certs/ca-certificates.crt") for arg in argv)
     assert argv[-1] == "."
+
+
+def test_a_failed_build_shows_buildahs_last_lines_and_leaves_no_container(base: str, tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN echo the last words before failing && false\n")
+    before = leftovers()
+    with pytest.raises(BuildahFailed) as failed:
+        buildah("bud", "--isolation", "chroot", "--layers", "--force-rm", "--tag", "localhost/broken:1",
+                str(tmp_path))
+    assert "the last words before failing" in str(failed.value)
+    assert leftovers() == before
 
 
 def test_help_runs_as_the_pods_user_with_the_images_environment(job: Pod) -> None:
