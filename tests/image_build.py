@@ -2,8 +2,10 @@
 
 No container registry is reachable in CI, so the base comes from Debian's mirror: bookworm from debootstrap
 (--variant=minbase) with Debian's python3, python3-venv and python-is-python3, committed with buildah. The
-image is then built with `invoke build --builder buildah`'s own command, CPU torch, and buildah's layer cache.
-Both live in a buildah store of the checkout's own (.image-test/), so pruning never touches other images.
+image is then built with `invoke build --builder buildah`'s own command and CPU torch. What is safe to keep
+is kept, keyed by its inputs: the base (its tag is their digest), buildah's layer cache, and the image itself
+(a label holds the digest of the Dockerfile, the context's files and the build command). All of it lives in
+a buildah store of the checkout's own (.image-test/), so pruning never touches other images.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from k8s_tasks.image import ImageRef, build_plan
+from k8s_tasks.image import DOCKERFILE, ImageRef, build_plan
 
 REPO = Path(__file__).resolve().parent.parent
 STORE = REPO / ".image-test"
@@ -37,6 +39,8 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3")
 IMAGE = ImageRef("localhost/llamafactory-k8s-test/llama-factory-train", tag="cpu")
+# The image's label holding the digest of what it was built from (inputs_digest).
+INPUTS_LABEL = "llamafactory-k8s.test.inputs"
 
 # The pods' user (base/job-train.yaml runAsUser/runAsGroup).
 POD_USER = "10001:10001"
@@ -237,6 +241,36 @@ def build_command(base: str, revision: str, sources: PipSources, home: Path, tar
     return [*options, *extra, context]
 
 
+def context_files() -> list[Path]:
+    """The build context's files: what .dockerignore lets back in after excluding everything."""
+    entries = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    files = []
+    for path in (REPO / entry for entry in entries):
+        found = sorted(path.rglob("*")) if path.is_dir() else [path]
+        files += [f for f in found if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"]
+    return files
+
+
+def inputs_digest(base: str, sources: PipSources) -> str:
+    """Everything the image is made of: the build command (less the commit label), the Dockerfile, the
+    context's files, and where pip installs from."""
+    digest = hashlib.sha256()
+    command = build_command(base, "", sources, Path(BUILD_HOME))
+    for part in (json.dumps(command), sources.conf, (REPO / DOCKERFILE).read_text()):
+        digest.update(part.encode() + b"\0")
+    for path in context_files():
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def image_label(name: str, key: str) -> str | None:
+    if not image_exists(name):
+        return None
+    config = json.loads(buildah("inspect", "--type", "image", name))["OCIv1"]["config"]
+    return (config.get("Labels") or {}).get(key)
+
+
 def remove_working_containers() -> None:
     """Remove every working container of the tests' store, with its mounts: what a run that was killed
     before its teardown left."""
@@ -244,14 +278,19 @@ def remove_working_containers() -> None:
 
 
 def build_image(base: str, log: Path) -> str:
-    """Build the image (cached layers are reused), then drop the layers only earlier builds used."""
+    """The image: the one in the store when it was built from the same inputs, else built (cached layers are
+    reused), then the layers only earlier builds used are dropped."""
+    sources = host_pip_sources()
+    inputs = inputs_digest(base, sources)
+    if image_label(str(IMAGE), INPUTS_LABEL) == inputs:
+        return str(IMAGE)
     revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=False).stdout.strip() or "unknown"
-    sources = host_pip_sources()
     with tempfile.TemporaryDirectory(prefix="build-home-") as home:
         (Path(home) / ".config" / "pip").mkdir(parents=True)
         (Path(home) / ".config" / "pip" / "pip.conf").write_text(sources.conf)
-        buildah(*build_command(base, revision, sources, Path(home)), log=log, timeout=3600)
+        *command, context = build_command(base, revision, sources, Path(home))
+        buildah(*command, "--label", f"{INPUTS_LABEL}={inputs}", context, log=log, timeout=3600)
         # The build stage's last layer has no tag and no child, so a prune would take the whole stage's
         # cache; tagging it (all layers cached: seconds) keeps it.
         buildah(*build_command(base, revision, sources, Path(home), target="build"), log=log.with_suffix(".stage.log"),

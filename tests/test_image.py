@@ -3,8 +3,8 @@ the Job's pod runs it: UID 10001, the image's own environment, no network, a rea
 /tmp and /home/app writable. It answers --help, checks a storage tree, trains and merges the demo.
 
 Needs root (buildah's chroot isolation, debootstrap) and buildah, debootstrap and ip on PATH:
-`./dev.sh test` installs them. Building takes about ten minutes the first time; later runs reuse the base
-and buildah's layer cache (.image-test/). Deselect with `-m "not image"` while working on something else.
+`./dev.sh test` installs them. Building takes 10-15 minutes the first time; later runs reuse the base, the
+layer cache and an image built from the same inputs (.image-test/). Deselect with `-m "not image"`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from image_build import (
     build_command,
     build_image,
     buildah,
+    context_files,
     leftovers,
     pip_sources,
     pod,
@@ -128,6 +129,12 @@ def test_the_build_is_invoke_builds_command_plus_the_test_builds_needs(tmp_path:
     # The host's CA bundle never replaces the image's own (dpkg writes that one).
     assert not any(arg.endswith(":/etc/ssl/certs/ca-certificates.crt") for arg in argv)
     assert argv[-1] == "."
+
+
+def test_the_image_is_rebuilt_when_a_file_of_its_context_changes() -> None:
+    files = {str(path.relative_to(REPO)) for path in context_files()}
+    assert {"requirements.lock", "pyproject.toml", "README.md", "entrypoint/cli.py"} <= files
+    assert not any(name.startswith(("tests/", "docs/", ".venv")) or "__pycache__" in name for name in files)
 
 
 def test_a_failed_build_shows_buildahs_last_lines_and_leaves_no_container(base: str, tmp_path: Path) -> None:
