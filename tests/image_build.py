@@ -349,8 +349,8 @@ class Pod:
             for entry in sorted(self.rootfs.iterdir()):
                 if entry.is_dir() and not entry.is_symlink() and entry.name not in {"dev", "proc", "sys", *tops}:
                     options += ["--volume", f"{entry}:/{entry.name}:ro"]
-            for target, host in self.writable.items():
-                options += ["--volume", f"{host}:{target}"]
+        for target, host in self.writable.items():
+            options += ["--volume", f"{host}:{target}"]
         for key, value in (env or {}).items():
             options += ["--env", f"{key}={value}"]
         # chroot isolation shares the host's network; a namespace of its own leaves only loopback.
@@ -372,8 +372,10 @@ def pod(image: str, writable: dict[str, Path]) -> Iterator[Pod]:
     try:
         yield Pod(container, Path(buildah("mount", container)), writable)
     finally:
-        buildah("umount", container)
-        buildah("rm", container)
+        try:
+            buildah("umount", container)
+        finally:
+            buildah("rm", container)
 
 
 def leftovers() -> list[str]:
