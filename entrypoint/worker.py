@@ -125,7 +125,8 @@ class JobCallback(TrainerCallback):
 
 
 def resolve_precision(args: dict[str, Any]) -> dict[str, Any]:
-    """PRECISION=auto becomes bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    """PRECISION=auto becomes bf16 where the GPU computes it natively (Ampere and later), fp16 on older GPUs
+    (T4, V100: torch can emulate bf16 there, slowly, and counts that as supported by default), fp32 on CPU."""
     import torch
 
     args = dict(args)
@@ -133,7 +134,7 @@ def resolve_precision(args: dict[str, Any]) -> dict[str, Any]:
     if precision == "auto" and not torch.cuda.is_available():
         precision = "fp32"
     elif precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision in ("bf16", "fp16"):
         args[precision] = True
     return args
