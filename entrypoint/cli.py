@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from entrypoint.errors import EXIT_MEANINGS, ExitCode, exit_code_for, finish, set_termination_log
+from entrypoint.errors import EXIT_MEANINGS, ExitCode, describe, finish, set_termination_log
 
 # name -> (help, the module whose run(settings) performs it)
 COMMANDS = {
@@ -90,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:  # the one place every failure becomes an exit code
         if isinstance(exc, SystemExit):
             raise
-        code = exit_code_for(exc)
+        code, reason = describe(exc)
         if code == ExitCode.INTERNAL:
             logging.getLogger("entrypoint").exception("unexpected failure")
-        return finish(code, str(exc) or type(exc).__name__)
+        return finish(code, reason)
 
 
 def _run_settings_command(command: str, worker_spec: str = "") -> int:
