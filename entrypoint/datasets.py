@@ -54,7 +54,7 @@ class ResolvedDatasets:
         return {"entries": self.info, "files": self.files}
 
 
-def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, record) for a JSON array file or a JSON Lines file."""
     with open(path, encoding="utf-8") as fh:
         head = fh.read(4096).lstrip()
@@ -153,7 +153,7 @@ def _sharegpt_problem(record: Any, columns: dict[str, str], tags: dict[str, str 
 
 def detect_format(path: Path) -> tuple[str, dict[str, Any]]:
     """Guess alpaca / sharegpt / openai-style messages from the first record."""
-    for location, record in _iter_records(path):
+    for location, record in iter_records(path):
         if isinstance(record, dict):
             if isinstance(record.get("conversations"), list):
                 return "sharegpt", {"formatting": "sharegpt", "columns": {"messages": "conversations"}}
@@ -259,7 +259,7 @@ def validate_records(name: str, entry: dict[str, Any], dataset_dir: Path) -> Non
     for path in files:
         problems: list[str] = []
         count = 0
-        for location, record in _iter_records(path):
+        for location, record in iter_records(path):
             count += 1
             if isinstance(record, dict):
                 keys.update(record)
