@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from entrypoint.errors import EXIT_MEANINGS, ExitCode, describe_failure, finish, set_termination_log
+from entrypoint.errors import EXIT_MEANINGS, ExitCode, describe, finish, set_termination_log
 
 # name -> (help, the module whose run(settings) performs it)
 COMMANDS = {
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:  # the one place every failure becomes an exit code
         if isinstance(exc, SystemExit):
             raise
-        code, message = describe_failure(exc)
+        code, message = describe(exc)
         if code == ExitCode.INTERNAL:
             logging.getLogger("entrypoint").exception("unexpected failure")
         finish(code, message)

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from entrypoint.errors import ConfigError, EntrypointError, ExitCode, Interrupted, TemporaryFailure
+from entrypoint.errors import (
+    ConfigError,
+    EntrypointError,
+    ExitCode,
+    GpuOutOfMemory,
+    Interrupted,
+    TemporaryFailure,
+)
 from entrypoint.files import atomic_write_json, read_json
 from entrypoint.settings import Settings, process_env
 from entrypoint.storage import LockToken, OutputLock, write_checkpoint_record
@@ -175,7 +182,8 @@ class JobCallback(TrainerCallback):
 
 
 def resolve_precision(args: dict[str, Any]) -> dict[str, Any]:
-    """PRECISION=auto becomes bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    """PRECISION=auto becomes bf16 where the GPU computes it natively (Ampere and later), fp16 on older GPUs
+    (T4, V100: torch can emulate bf16 there, slowly, and counts that as supported by default), fp32 on CPU."""
     import torch
 
     args = dict(args)
@@ -183,7 +191,7 @@ def resolve_precision(args: dict[str, Any]) -> dict[str, Any]:
     if precision == "auto" and not torch.cuda.is_available():
         precision = "fp32"
     elif precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision in ("bf16", "fp16"):
         args[precision] = True
     return args
@@ -368,7 +376,7 @@ def allow_cpu_index_on_load() -> None:
 def main(spec_path: str, settings: Settings) -> int:
     """One rank under torchrun: `python -m entrypoint _worker SPEC`. Global rank 0 feeds MLflow; each node's
     local rank 0 reports to that node's launcher through the result file."""
-    from entrypoint.errors import describe_failure, write_termination_log
+    from entrypoint.errors import describe, write_termination_log
 
     die_with_parent(signal.SIGKILL)  # torchrun gone (killed with its launcher): this rank goes too
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
@@ -392,21 +400,28 @@ def main(spec_path: str, settings: Settings) -> int:
         step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker, lock)
         code, message = 0, "ok"
     except BaseException as exc:  # reported to the launcher through the result file
-        failure, message = describe_failure(exc)
+        failure, message = describe(exc)
         code = int(failure)
         log.error("rank %d failed: %s", proc.rank, message)
     finally:
         tracker.close(None, timeout=30)
         if code == 0:
             leave_process_group()
-    if proc.local_rank == 0:
-        atomic_write_json(Path(spec["result_path"]), {
+    if proc.local_rank == 0 or code:
+        # Local rank 0 always reports; another rank only its own failure, which may be the cause (its GPU ran out
+        # of memory) while local rank 0 saw only the consequence (its peer gone).
+        result_path = Path(spec["result_path"])
+        atomic_write_json(result_path if proc.local_rank == 0 else rank_failure_path(result_path, proc.local_rank), {
             "code": code, "message": message, "rank": proc.rank, "world_size": proc.world_size, "global_step": step,
         })
     if code:
         write_termination_log(message)
     sys.stdout.flush()
     return code
+
+
+def rank_failure_path(result_path: Path, local_rank: int) -> Path:
+    return result_path.with_name(f"failed-{local_rank}.json")
 
 
 # The launcher: node 0's process (and, with several nodes, each other node's) starts the training here.
@@ -511,14 +526,23 @@ def launch_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_ru
         finally:
             signal.signal(signal.SIGTERM, previous)
         result = read_json(result_path) or {}
+        failures = [f for f in [result, *(read_json(p) for p in sorted(Path(tmp).glob("failed-*.json")))]
+                    if f and f.get("code")]
     if code == 0 and result.get("code") == 0:
         return result
     message = result.get("message") or (
         f"torchrun exited with {code} before this node's first process reported: a training process was killed "
-        "(out of memory?) or lost its peers on another node; see the log above")
-    if sigterm_at is not None or result.get("code") == ExitCode.INTERRUPTED:
-        grace = max(1.0, settings.termination_grace_seconds - EXIT_MARGIN_SECONDS)
-        raise Interrupted(message, deadline=(sigterm_at or time.monotonic()) + grace)
-    if result.get("code") == ExitCode.CONFIG:
-        raise ConfigError(message)
+        "(host memory: OOMKilled; or NCCL's watchdog, after a collective outlived DDP_TIMEOUT) or lost its peers "
+        "on another node; see the log above")
+    grace = max(1.0, settings.termination_grace_seconds - EXIT_MARGIN_SECONDS)
+    if sigterm_at is not None:
+        raise Interrupted(message, deadline=sigterm_at + grace)
+    # The cause before its consequences: a configuration error or a GPU out of memory on any rank (torchrun then
+    # stops the others with SIGTERM, and a rank that saved a checkpoint on it reports an interruption).
+    for cause_class in (ConfigError, GpuOutOfMemory):
+        cause = next((f for f in failures if f["code"] == cause_class.exit_code), None)
+        if cause:
+            raise cause_class(cause["message"])
+    if result.get("code") == ExitCode.INTERRUPTED:
+        raise Interrupted(message, deadline=time.monotonic() + grace)
     raise EntrypointError(message)

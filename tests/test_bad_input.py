@@ -237,11 +237,13 @@ CASES: list[Case] = [
     ("dataset-not-registered", lambda s: {"DATASET": "other"},
      "DATASET='other' is not in"),
     ("alpaca-record-without-output", lambda s: _records(s, [{"instruction": "q", "output": "a"}] * 3 + [
-        {"instruction": "q", "input": ""}]) or {}, "record 3: field 'output' must be a non-empty string"),
+        {"instruction": "q", "input": ""}]) or {}, "record 4: field 'output' must be a non-empty string"),
     ("dataset-not-json", lambda s: _write(s.data / "train_data.json", "[{oops") or {}, "not valid JSON"),
     ("empty-dataset", lambda s: _records(s, []) or {}, "contains no records"),
     ("jsonl-bad-line", _jsonl, "line 2 is not valid JSON"),
-    ("sharegpt-role-order", _sharegpt, "record 1: message 1 has from='human'"),
+    ("sharegpt-role-order", _sharegpt, "record 2: message 2 has from='human'"),
+    ("field-not-mapped", lambda s: _records(s, [{"instruction": "q", "output": "a", "system": "Be brief."}]) or {},
+     "record 1: field 'system' would be dropped"),
     ("hub-dataset", lambda s: _write(s.data / "dataset_info.json", json.dumps(
         {"train_data": {"hf_hub_url": "someone/data"}})) or {}, "only local files are supported"),
     ("qlora-without-cuda", lambda s: {"FINETUNING_TYPE": "qlora"}, "FINETUNING_TYPE=qlora needs a CUDA GPU"),

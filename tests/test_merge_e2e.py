@@ -1,4 +1,4 @@
-"""End to end: train (P1) -> merge -> the published model answers what it was trained to answer; atomic
+"""End to end: train -> merge -> the published model answers what it was trained to answer; atomic
 publishing under kill -9; versions and retention; bad input leaves the published model untouched."""
 
 from __future__ import annotations
