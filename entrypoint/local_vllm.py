@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -130,28 +131,35 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.log_offset = log.tell()
-            log.write(f"$ {' '.join(self.argv())}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.write(f"$ {shlex.join(self.argv())}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log.flush()
-            self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**self.env, **VLLM_ENV}, start_new_session=True)
+            # The user's own VLLM_* settings win over these defaults.
+            self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env={**VLLM_ENV, **self.env},
+                                            start_new_session=True)
         self.pgid = self.process.pid  # the session leader: its pid is the group's id
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # not ready, or interrupted (Ctrl-C) while waiting: nothing may stay behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         started = time.monotonic()
-        deadline = started + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < started + timeout:
             code = self.process.poll()
             if code is not None:
-                self.stop()
                 raise self.error(f"vLLM exited with code {code} before it was ready")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
                     if resp.status == 200:
                         self.ready_after_s = time.monotonic() - started
                         self._note(f"# ready after {self.ready_after_s:.1f} s")
-                        return self
+                        return
             except OSError:
                 pass
             time.sleep(1)
-        self.stop()
         raise self.error(f"vLLM was not ready within {timeout:.0f} s")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -229,7 +237,7 @@ class VllmServer:
 def chat_curl(url: str, model: str, prompt: str) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 32,
                        "temperature": 0})
-    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
 
 
 def serve_demo(storage: str, vllm_python: str, steps: int | None = None) -> int:
@@ -248,8 +256,10 @@ def serve_demo(storage: str, vllm_python: str, steps: int | None = None) -> int:
     model = Path(settings.merged_model_path)
     server = VllmServer(Path(vllm_python), model, merged_model_flags(settings), root / "vllm" / "server.log",
                         dict(os.environ))
-    # SIGTERM ends the wait like Ctrl-C does, so the finally below stops vLLM's process group either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM end the wait alike (even where SIGINT came in ignored, as in a background job), so
+    # the finally below stops vLLM's process group either way.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     print(f"\nserve: starting vLLM {' '.join(merged_model_flags(settings))} on {model} -> {model.resolve().name} "
           f"(log: {server.log_path}; about a minute)", flush=True)
     try:
@@ -258,7 +268,7 @@ def serve_demo(storage: str, vllm_python: str, steps: int | None = None) -> int:
               f"{chat_curl(server.url, settings.served_model_name, DEMO_PROMPT)}\n\nCtrl-C stops it.", flush=True)
         while server.process is not None and server.process.poll() is None:
             time.sleep(1)
-        raise server.error(f"vLLM exited with code {server.process.returncode if server.process else '?'}")
+        raise server.error(f"vLLM exited with code {server.process.returncode}")
     except VllmError as exc:
         print(f"serve: {exc.one_line()}", file=sys.stderr)
         return 1
@@ -266,7 +276,7 @@ def serve_demo(storage: str, vllm_python: str, steps: int | None = None) -> int:
         print("\nserve: stopping vLLM", flush=True)
         return 0
     finally:
-        server.stop()
+        server.stop(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
