@@ -56,6 +56,8 @@ def vllm_lora(env: dict[str, str], name: str) -> tuple[list[str], dict[str, str]
     instructions = vllm_lora_instructions(Path(settings.lora_output_path), name)
     printed = result.stdout.strip().splitlines()
     assert printed[:-1] == instructions.text().splitlines(), "the command prints these instructions"
+    # The runtime request names only --enable-lora; --max-lora-rank comes from the start-up flags (without it
+    # vLLM's default of 16 would refuse adapters of a higher rank).
     flags = list(instructions.serve_args)
     rank = flags[flags.index("--max-lora-rank") + 1]
     return ["--enable-lora", "--max-lora-rank", rank], instructions.runtime_env, json.loads(printed[-1])
