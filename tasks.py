@@ -7,6 +7,7 @@ takes --dry-run and then prints the exact commands it would run. The logic lives
 from invoke import Context, task
 
 from k8s_tasks import actions
+from k8s_tasks.image import DEFAULT_BASE_IMAGE, DEFAULT_TORCH_VARIANT
 
 ENV_HELP = "overlay to use: dev, gpu, prod or multinode (overlays/<env>)"
 DRY_RUN_HELP = "print the exact commands (and files) it would run or write, and change nothing"
@@ -14,11 +15,16 @@ DRY_RUN_HELP = "print the exact commands (and files) it would run or write, and 
 
 @task(help={
     "tag": "image tag (default: the commit, <shortsha> or <shortsha>-dirty)",
+    "builder": "docker (default), or buildah where there is no Docker daemon (`buildah bud --isolation chroot`)",
+    "base-image": f"Debian 12 image with Python 3.11 to build on (default: {DEFAULT_BASE_IMAGE})",
+    "torch-variant": f"torch build: {DEFAULT_TORCH_VARIANT} (default; GKE's GPU drivers), another cuXYZ, "
+                     "or cpu (no GPU)",
     "dry-run": DRY_RUN_HELP,
 })
-def build(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
+def build(c: Context, tag: str | None = None, builder: str = "docker", base_image: str | None = None,
+          torch_variant: str | None = None, dry_run: bool = False) -> None:
     """Build the image (docker/Dockerfile) as <registry>/llama-factory-train:<shortsha>[-dirty]."""
-    actions.build(tag, dry_run)
+    actions.build(tag=tag, dry_run=dry_run, builder=builder, base_image=base_image, torch_variant=torch_variant)
 
 
 @task(help={
@@ -26,8 +32,8 @@ def build(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
     "dry-run": DRY_RUN_HELP,
 })
 def push(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
-    """Push the built image to eu.gcr.io/$PROJECT_ID (or Artifact Registry: REGION, REPOSITORY) and print its digest."""
-    actions.push(tag, dry_run)
+    """Push the built image to Artifact Registry (PROJECT_ID, REGION, REPOSITORY) and print its digest."""
+    actions.push(tag=tag, dry_run=dry_run)
 
 
 @task(help={
@@ -43,7 +49,8 @@ def deploy(c: Context, env: str | None = None, component: str = "all", tag: str 
            digest: str | None = None, mlflow_env: str | None = None, wait: bool = True,
            dry_run: bool = False) -> None:
     """Apply an overlay with the built image (config, Secret, storage, WebUI); Jobs start with `train`/`merge`."""
-    actions.deploy(env, component, tag, digest, mlflow_env, wait, dry_run)
+    actions.deploy(env=env, component=component, tag=tag, digest=digest, mlflow_env=mlflow_env, wait=wait,
+                   dry_run=dry_run)
 
 
 JOB_HELP = {
@@ -59,14 +66,14 @@ JOB_HELP = {
 def train(c: Context, env: str | None = None, name: str | None = None, tag: str | None = None,
           follow: bool = False, dry_run: bool = False) -> None:
     """Start a training Job under a unique name from the overlay's template (needs a deploy first)."""
-    actions.start("train", env, name, tag, follow, dry_run)
+    actions.start("train", env=env, name=name, tag=tag, follow=follow, dry_run=dry_run)
 
 
 @task(help=JOB_HELP)
 def merge(c: Context, env: str | None = None, name: str | None = None, tag: str | None = None,
           follow: bool = False, dry_run: bool = False) -> None:
     """Start a merge Job (adapter into the base model, published for vLLM) under a unique name."""
-    actions.start("merge", env, name, tag, follow, dry_run)
+    actions.start("merge", env=env, name=name, tag=tag, follow=follow, dry_run=dry_run)
 
 
 @task
@@ -83,7 +90,7 @@ def status(c: Context) -> None:
 })
 def logs(c: Context, job: str | None = None, component: str = "train", follow: bool = False, tail: int = 0) -> None:
     """Print the log of the newest training (or merge, or WebUI) pod."""
-    actions.logs(job, component, follow, tail)
+    actions.logs(job=job, component=component, follow=follow, tail=tail)
 
 
 @task(help={
@@ -94,7 +101,7 @@ def logs(c: Context, job: str | None = None, component: str = "train", follow: b
 })
 def ui(c: Context, target: str, env: str | None = None, port: int = 0, dry_run: bool = False) -> None:
     """Port-forward to the WebUI or to MLflow (Ctrl-C stops)."""
-    actions.ui(target, env, port, dry_run)
+    actions.ui(target, env=env, port=port, dry_run=dry_run)
 
 
 @task(help={
@@ -104,28 +111,39 @@ def ui(c: Context, target: str, env: str | None = None, port: int = 0, dry_run: 
 })
 def cleanup(c: Context, target: str, all_: bool = False, dry_run: bool = False) -> None:
     """Delete finished Jobs (Complete or Failed) and their pods; --all deletes every Job."""
-    actions.cleanup(target, all_, dry_run)
+    actions.cleanup(target, everything=all_, dry_run=dry_run)
 
 
-@task
-def validate(c: Context) -> None:
+@task(help={
+    "env": "check only this overlay as `kubectl apply -k overlays/<env>` applies it: fails on a placeholder image",
+})
+def validate(c: Context, env: str | None = None) -> None:
     """Render every overlay offline; check it with kubernetes-validate and checkov (and lint the Dockerfile)."""
-    actions.validate()
+    actions.validate(env=env)
+
+
+@task(help={
+    "check": "change nothing: show the diff of each stale file and fail, naming them (what the tests check)",
+    "dry-run": "change nothing: show the diff of each stale file",
+})
+def generate(c: Context, check: bool = False, dry_run: bool = False) -> None:
+    """Rewrite every generated file from its source: base/llm-config.env, README tables, expected renders."""
+    actions.generate(check=check, dry_run=dry_run)
 
 
 @task(help={"pytest-args": "arguments for pytest, e.g. \"-k deploy -x\"", "dry-run": DRY_RUN_HELP})
 def test(c: Context, pytest_args: str = "", dry_run: bool = False) -> None:
     """Run the test suite as CI does (./dev.sh test)."""
-    actions.test(pytest_args, dry_run)
+    actions.test(pytest_args=pytest_args, dry_run=dry_run)
 
 
 @task(help={"storage": "local folder laid out like /storage (default: ./local-storage)", "dry-run": DRY_RUN_HELP})
 def demo(c: Context, storage: str | None = None, dry_run: bool = False) -> None:
     """Run the whole flow locally on a generated tiny model (./dev.sh demo): no GPU, no cluster."""
-    actions.demo(storage, dry_run)
+    actions.demo(storage=storage, dry_run=dry_run)
 
 
 @task(help={"dry-run": DRY_RUN_HELP})
 def bench(c: Context, dry_run: bool = False) -> None:
     """Run every benchmarks/*.py with the project's venv (.venv, set up by ./dev.sh)."""
-    actions.bench(dry_run)
+    actions.bench(dry_run=dry_run)

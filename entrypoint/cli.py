@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from entrypoint.errors import ExitCode, exit_code_for, finish
+from entrypoint.errors import EXIT_MEANINGS, ExitCode, describe, finish, set_termination_log
 
+# name -> (help, the module whose run(settings) performs it)
 COMMANDS = {
-    "train": "Train (or skip, or resume) as configured by the environment.",
-    "check": "Validate the configuration and data, print the plan and the decision; change nothing.",
-    "merge": "Merge the trained adapter into the base model and publish it for vLLM.",
-    "vllm-lora": "Check whether vLLM can serve the adapter without merging; print the flags and load request.",
-    "webui": "Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
-    "demo": "Run the whole flow locally on a generated tiny model (no GPU, no cluster).",
-    "config": "Print the configuration reference (every variable, default and allowed values).",
+    "train": ("Train (or skip, or resume) as configured by the environment.", "entrypoint.train"),
+    "check": ("Validate the configuration and data, print the plan and the decision; change nothing.",
+              "entrypoint.check"),
+    "merge": ("Merge the trained adapter into the base model and publish it for vLLM.", "entrypoint.merge"),
+    "vllm-lora": ("Check whether vLLM can serve the adapter without merging; print the flags and load request.",
+                  "entrypoint.vllm_lora"),
+    "webui": ("Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
+              "entrypoint.webui"),
+    "demo": ("Run the whole flow locally on a generated tiny model (no GPU, no cluster).", ""),
+    "config": ("Print the configuration reference (every variable, default and allowed values).", ""),
 }
+# One training process under torchrun, started by the train command itself: not for users, not in --help.
+WORKER = "_worker"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,45 +34,50 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(finish(ExitCode.CONFIG, f"usage: {message}"))
 
 
+def exit_code_epilog() -> str:
+    return "Exit codes: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_MEANINGS.items()) + "."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m entrypoint",
         description="The llama-factory-train image's commands. Configuration comes from the environment "
         "(`python -m entrypoint config` lists every variable).",
-        epilog="Exit codes: 0 done or skipped; 1 unexpected (retriable); 75 temporarily unavailable (retriable); "
-        "78 configuration or input error (not retried); 143 interrupted by SIGTERM (the rerun resumes).",
+        epilog=exit_code_epilog(),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
+    for name, (help_text, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == "demo":
             cmd.add_argument("--storage", default="./local-storage",
                              help="local folder laid out like /storage (default: ./local-storage)")
             cmd.add_argument("--steps", type=int, default=None, help="training steps (default: enough to learn)")
-    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
-    worker.add_argument("spec")
     return parser
 
 
 def setup_logging(level: str) -> None:
+    from entrypoint.settings import process_env
+
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
-    if os.environ.get("RANK", "0") != "0":  # only rank 0 speaks
+    if process_env().rank != 0:  # only rank 0 speaks
         logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
-    try:
-        if args.command == "_worker":
-            from entrypoint import worker
+    from entrypoint.settings import early_value
 
-            return worker.main(args.spec)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    set_termination_log(early_value("termination_log_path"))
+    setup_logging(early_value("log_level").upper())
+    try:
+        if argv[:1] == [WORKER] and len(argv) == 2:
+            return _run_settings_command(WORKER, argv[1])
+        args = build_parser().parse_args(argv)
         if args.command == "config":
             from entrypoint.settings import reference_markdown
 
@@ -75,35 +87,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             from entrypoint import demo
 
             return demo.run(args.storage, steps=args.steps)
-        from entrypoint.settings import load_settings
-
-        settings = load_settings()
-        setup_logging(settings.log_level)
-        if args.command == "train":
-            from entrypoint import train
-
-            return train.run(settings)
-        if args.command == "check":
-            from entrypoint import check
-
-            return check.run(settings)
-        if args.command == "merge":
-            from entrypoint import merge
-
-            return merge.run(settings)
-        if args.command == "vllm-lora":
-            from entrypoint import merge
-
-            return merge.vllm_lora(settings)
-        if args.command == "webui":
-            from entrypoint import webui
-
-            return webui.run(settings)
-        raise AssertionError(args.command)
+        return _run_settings_command(args.command)
     except BaseException as exc:  # the one place every failure becomes an exit code
         if isinstance(exc, SystemExit):
             raise
-        code = exit_code_for(exc)
+        code, message = describe(exc)
         if code == ExitCode.INTERNAL:
             logging.getLogger("entrypoint").exception("unexpected failure")
-        return finish(code, str(exc) or type(exc).__name__)
+        finish(code, message)
+        if code == ExitCode.INTERRUPTED:
+            # After SIGTERM the grace period runs: no interpreter teardown (libraries' exit handlers, threads
+            # still waiting on a dead server) may delay the exit past it. Everything was saved and reported.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(code))
+        return int(code)
+
+
+def _run_settings_command(command: str, worker_spec: str = "") -> int:
+    """Load and validate the settings, hand the libraries their environment, run the command's module."""
+    from entrypoint.settings import apply_library_env, load_settings
+
+    settings = load_settings()
+    set_termination_log(settings.termination_log_path)
+    setup_logging(settings.log_level)
+    apply_library_env(settings)
+    if command == WORKER:
+        from entrypoint import worker
+
+        return worker.main(worker_spec, settings)
+    return importlib.import_module(COMMANDS[command][1]).run(settings)

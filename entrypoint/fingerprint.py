@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +31,6 @@ def file_identity(path: Path) -> str:
             fh.seek(size - SAMPLE)
             digest.update(fh.read(SAMPLE))
     return digest.hexdigest()
-
-
-def tree_identity(root: Path, skip: Iterable[str] = ()) -> dict[str, str]:
-    """Identity of every regular file below root (relative path -> identity), in a stable order."""
-    skipped = set(skip)
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skipped)
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            full = Path(dirpath, name)
-            out[str(full.relative_to(root))] = file_identity(full)
-    return out
 
 
 def digest(data: Mapping[str, Any]) -> str:

@@ -20,22 +20,22 @@ import json
 import logging
 import math
 import os
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from entrypoint.errors import ConfigError
-from entrypoint.lora_inputs import (
-    AdapterConfig,
+from entrypoint.files import fsync_path
+from entrypoint.lora_inputs import AdapterConfig, parse_adapter_key, read_adapter
+from entrypoint.model_dir import (
+    OUTPUT_EMBEDDING,
+    UNTIE_MODEL_TYPES,
     BaseModel,
     added_tokens,
-    has_tokenizer,
-    parse_adapter_key,
-    read_adapter,
     read_base_model,
+    tied_embeddings_problem,
+    tied_input_embedding,
 )
 from entrypoint.safetensors_stream import (
     FileHeader,
@@ -44,7 +44,6 @@ from entrypoint.safetensors_stream import (
     encode_header,
     write_all,
 )
-from entrypoint.storage import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,8 @@ class MergeResult:
     shards: int
     tensors_merged: int  # base tensors changed by the adapter (0 when copying a full fine-tune)
     dtype: str  # the weights' dtype (the one holding most bytes), e.g. "bfloat16"
-    wall_seconds: float
-    copied_files: tuple[str, ...]  # non-weight files taken from the base: config, tokenizer, ...
+    copied_files: tuple[str, ...]  # files beside the weights: config, tokenizer, ... (companions.py)
+    untied: bool = False  # lm_head was written as a tensor of its own (see _Untie)
 
 
 @dataclasses.dataclass
@@ -94,61 +93,119 @@ class _Update:
 
     replacement: str | None = None  # a trained full copy replaces the base values
     lora: tuple[str, str, float, bool] | None = None  # (A key, B key, scale, transpose B @ A)
-    bias_delta: str | None = None  # lora_B.bias, added unscaled as PEFT does
+    # lora_B.bias and its module's scale. The trained forward pass scales it (B(Ax) + b) * scale; PEFT 0.15.2's
+    # merge adds it unscaled (peft issue 2486, fixed in later releases): merged here as training computed it.
+    bias_delta: tuple[str, float] | None = None
+
+
+@dataclasses.dataclass
+class _Untie:
+    """A base that ties its output embeddings to its input embeddings, and an adapter that changes one of
+    them. The trained model computes the output from the base's embedding while the input embedding changed
+    (or the other way round): the merged model stores its own lm_head and stops tying, which is exactly
+    the function that was trained. (PEFT's merge_and_unload keeps the tie and changes both.)"""
+
+    source: str  # the base's input embedding tensor, the new lm_head's starting values
+    shard: str  # the base shard holding it; the new tensor is appended to the same output shard
+    update: _Update  # what the adapter does to lm_head itself (nothing when only the input embedding changed)
 
 
 ProgressCallback = Callable[[MergeProgress], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedMerge:
+    """A merge checked from JSON and headers alone, before anything is written."""
+
+    base: BaseModel
+    adapter_dir: Path | None
+    plan: _MergePlan
+
+
+def prepare_merge(base_dir: Path, adapter_dir: Path | None) -> PreparedMerge:
+    """Check the inputs and decide what each adapter tensor changes; ConfigError names what cannot be merged."""
+    base = read_base_model(base_dir)
+    plan = _plan(base, adapter_dir) if adapter_dir is not None else _MergePlan({}, None, None)
+    return PreparedMerge(base, adapter_dir, plan)
+
+
 def merge_adapter(
-    base_dir: Path,
+    base_dir: Path | PreparedMerge,
     adapter_dir: Path | None,
     out_dir: Path,
     progress: ProgressCallback | None = None,
+    stop_tokens: tuple[str, ...] = (),
 ) -> MergeResult:
     """Write base + adapter into the empty directory `out_dir`; `adapter_dir` None copies a full model.
 
-    Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly.
+    The files beside the weights are the ones training used (companions.py): its tokenizer and chat
+    template, and a generation config that stops at its EOS and at `stop_tokens` (the template's stop words).
+    Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly;
+    `prepare_merge` raises them before anything is written.
     """
-    started = time.monotonic()
+    from entrypoint.companions import write_companions
+
     if not out_dir.is_dir() or any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} must be an existing empty directory")
-    base = read_base_model(base_dir)
-    updates: dict[str, _Update] = {}
-    adapter_header = None
-    if adapter_dir is not None:
-        updates, adapter_header = _plan(base, adapter_dir)
-    if not has_tokenizer(base_dir):
-        log.warning("base model %s has no tokenizer files: vLLM needs them beside the weights", base_dir)
+    prepared = base_dir if isinstance(base_dir, PreparedMerge) else prepare_merge(base_dir, adapter_dir)
+    base, plan, adapter_dir = prepared.base, prepared.plan, prepared.adapter_dir
+    base_dir = base.directory
 
     bytes_total = sum(shard.data_bytes for shard in base.shards)
     bytes_done = 0
     scratch = _Scratch()
     with contextlib.ExitStack() as stack:
-        adapter = stack.enter_context(_TensorReader(adapter_header)) if adapter_header else None
+        adapter = stack.enter_context(_TensorReader(plan.header)) if plan.header else None
         for number, shard in enumerate(base.shards, start=1):
-            _write_shard(shard, out_dir / shard.path.name, updates, adapter, scratch)
+            untie = plan.untie if plan.untie is not None and plan.untie.shard == shard.path.name else None
+            _write_shard(shard, out_dir / shard.path.name, plan.updates, adapter, scratch, untie)
             bytes_done += shard.data_bytes
             if progress is not None:
                 progress(MergeProgress(number, len(base.shards), shard.path.name, bytes_done, bytes_total))
     if base.index is not None:
-        _write_index(base, out_dir)
-    copied = []
-    for path in base.other_files():
-        _copy_file(path, out_dir / path.name)
-        copied.append(path.name)
+        _write_index(base, out_dir, plan.untie)
+    trained = adapter_dir if adapter_dir is not None else base_dir
+    copied = write_companions(base, out_dir, trained, untied=plan.untie is not None, stop_tokens=stop_tokens)
     fsync_path(out_dir)
     return MergeResult(
         output_bytes=sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file()),
         shards=len(base.shards),
-        tensors_merged=len(updates),
+        tensors_merged=len(plan.updates) + (1 if plan.untie is not None else 0),
         dtype=_main_dtype(base),
-        wall_seconds=time.monotonic() - started,
-        copied_files=tuple(copied),
+        copied_files=copied,
+        untied=plan.untie is not None,
     )
 
 
-def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileHeader]:
+@dataclasses.dataclass(frozen=True)
+class _MergePlan:
+    updates: dict[str, _Update]
+    header: FileHeader | None  # the adapter's weights
+    untie: _Untie | None
+
+
+class _Targets:
+    """The base tensors an adapter can change: the base's own, plus lm_head on a base that ties it to the
+    input embedding (its values start as the embedding's; see _Untie)."""
+
+    def __init__(self, base: BaseModel) -> None:
+        self.base = base
+        self.tied_source = tied_input_embedding(base)
+
+    def resolve(self, name: str) -> str | None:
+        found = self.base.resolve(name)
+        if found is None and self.tied_source is not None and name == OUTPUT_EMBEDDING:
+            return OUTPUT_EMBEDDING
+        return found
+
+    def entry(self, target: str) -> tuple[FileHeader, TensorEntry]:
+        if target not in self.base.tensors and target == OUTPUT_EMBEDDING and self.tied_source is not None:
+            shard, source = self.base.tensors[self.tied_source]
+            return shard, dataclasses.replace(source, name=OUTPUT_EMBEDDING)
+        return self.base.tensors[target]
+
+
+def _plan(base: BaseModel, adapter_dir: Path) -> _MergePlan:
     """Decide from headers alone which base tensor each adapter tensor changes; refuse what does not fit."""
     config, header = read_adapter(adapter_dir)
     problems = _option_problems(config, base)
@@ -163,6 +220,7 @@ def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileH
         )
 
     adapter = header.by_name()
+    targets = _Targets(base)
     modules: dict[str, dict[str, str]] = {}
     updates: dict[str, _Update] = {}
     for name in adapter:
@@ -170,19 +228,20 @@ def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileH
         if parsed.kind == "unknown":
             problems.append(f"adapter tensor {name} is not a LoRA weight this merge knows how to apply")
         elif parsed.kind == "full":
-            target = _resolve(base, parsed.parameter, name, problems)
+            target = _resolve(targets, parsed.parameter, name, problems)
             if target is None:
                 continue
             update = updates.setdefault(target, _Update())
             if update.replacement is not None:
                 problems.append(f"adapter tensors {update.replacement} and {name} both replace {target}")
             update.replacement = name
-            _check_full_copy(base, adapter[name], target, problems)
+            _check_full_copy(targets, adapter[name], target, problems)
         else:
             modules.setdefault(parsed.module, {})[parsed.kind] = name
     for module, parts in modules.items():
-        _plan_module(base, config, adapter, module, parts, updates, problems)
-    problems += _orientation_problems(base, config, updates)
+        _plan_module(targets, config, adapter, module, parts, updates, problems)
+    problems += _orientation_problems(targets, config, updates)
+    untie = _plan_untie(targets, updates, problems)
     for target in updates:
         entry = base.tensors[target][1]
         if entry.dtype not in FLOAT_DTYPES:
@@ -193,7 +252,20 @@ def _plan(base: BaseModel, adapter_dir: Path) -> tuple[dict[str, _Update], FileH
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ConfigError(f"cannot merge adapter {adapter_dir} into {base.directory}: " + "; ".join(shown))
-    return updates, header
+    return _MergePlan(updates, header, untie)
+
+
+def _plan_untie(targets: _Targets, updates: dict[str, _Update], problems: list[str]) -> _Untie | None:
+    """On a tied base, an adapter that changes the input embedding or lm_head makes the two differ."""
+    source = targets.tied_source
+    if source is None or (OUTPUT_EMBEDDING not in updates and source not in updates):
+        return None
+    model_type = targets.base.config.get("model_type")
+    if model_type not in UNTIE_MODEL_TYPES:
+        problems.append(tied_embeddings_problem(model_type))
+        return None
+    shard = targets.base.tensors[source][0].path.name
+    return _Untie(source, shard, updates.pop(OUTPUT_EMBEDDING, _Update()))
 
 
 def _option_problems(config: AdapterConfig, base: BaseModel) -> list[str]:
@@ -220,20 +292,16 @@ def _option_problems(config: AdapterConfig, base: BaseModel) -> list[str]:
     return problems
 
 
-def _resolve(base: BaseModel, parameter: str, adapter_key: str, problems: list[str]) -> str | None:
-    target = base.resolve(parameter)
+def _resolve(targets: _Targets, parameter: str, adapter_key: str, problems: list[str]) -> str | None:
+    target = targets.resolve(parameter)
     if target is None:
-        # transformers' configs tie by default and save only values that differ from the default.
-        why = ("the base ties its output embeddings to its input embeddings (tie_word_embeddings), so it has "
-               "no lm_head of its own to merge into") if (
-            parameter.startswith("lm_head") and base.config.get("tie_word_embeddings", True)
-        ) else "the adapter was made for another base model"
-        problems.append(f"adapter tensor {adapter_key} has no matching base tensor {parameter}: {why}")
+        problems.append(f"adapter tensor {adapter_key} has no matching base tensor {parameter}: the adapter was "
+                        "made for another base model")
     return target
 
 
-def _check_full_copy(base: BaseModel, entry: TensorEntry, target: str, problems: list[str]) -> None:
-    shard, base_entry = base.tensors[target]
+def _check_full_copy(targets: _Targets, entry: TensorEntry, target: str, problems: list[str]) -> None:
+    shard, base_entry = targets.entry(target)
     if entry.shape == base_entry.shape:
         return
     resized = (
@@ -247,7 +315,7 @@ def _check_full_copy(base: BaseModel, entry: TensorEntry, target: str, problems:
 
 
 def _plan_module(
-    base: BaseModel,
+    targets: _Targets,
     config: AdapterConfig,
     adapter: dict[str, TensorEntry],
     module: str,
@@ -272,10 +340,10 @@ def _plan_module(
         problems.append(f"adapter_config.json gives rank {rank} for {module} (r / rank_pattern) but its "
                         f"{a_kind} is {list(a.shape)} and {b_kind} is {list(b.shape)}")
         return
-    target = _resolve(base, f"{module}.weight", a.name, problems)
+    target = _resolve(targets, f"{module}.weight", a.name, problems)
     if target is None:
         return
-    shard, entry = base.tensors[target]
+    shard, entry = targets.entry(target)
     straight, transposed = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
     # PEFT transposes B @ A for embeddings, and for Conv1D layers (GPT-2; fan_in_fan_out). It flips the
     # flag per layer type while wrapping, so the saved flag can be stale for some layers: prefer it, and
@@ -298,10 +366,10 @@ def _plan_module(
         return
     update.lora = (a.name, b.name, config.scale(module), transpose)
     if "lora_B.bias" in parts:
-        _plan_bias(base, adapter[parts["lora_B.bias"]], module, updates, problems)
+        _plan_bias(targets, adapter[parts["lora_B.bias"]], module, config.scale(module), updates, problems)
 
 
-def _orientation_problems(base: BaseModel, config: AdapterConfig, updates: dict[str, _Update]) -> list[str]:
+def _orientation_problems(targets: _Targets, config: AdapterConfig, updates: dict[str, _Update]) -> list[str]:
     """Refuse when the saved fan_in_fan_out flag is known to be stale and a square tensor needs it.
 
     A non-square tensor shows its orientation; a square one relies on the flag, which PEFT rewrites
@@ -310,7 +378,7 @@ def _orientation_problems(base: BaseModel, config: AdapterConfig, updates: dict[
     flag = bool(config.raw.get("fan_in_fan_out"))
     linear = {t: u.lora for t, u in updates.items() if u.lora and not u.lora[0].endswith("lora_embedding_A")}
     flipped = [target for target, lora in linear.items() if lora[3] != flag]
-    square = [target for target in linear if len(set(base.tensors[target][1].shape)) == 1]
+    square = [target for target in linear if len(set(targets.entry(target)[1].shape)) == 1]
     if flipped and square:
         return [f"fan_in_fan_out={flag} in adapter_config.json does not fit {flipped[0]}, so the orientation "
                 f"of square tensors such as {square[0]} is unknown: this adapter cannot be merged exactly"]
@@ -318,19 +386,20 @@ def _orientation_problems(base: BaseModel, config: AdapterConfig, updates: dict[
 
 
 def _plan_bias(
-    base: BaseModel, bias: TensorEntry, module: str, updates: dict[str, _Update], problems: list[str]
+    targets: _Targets, bias: TensorEntry, module: str, scale: float, updates: dict[str, _Update],
+    problems: list[str],
 ) -> None:
-    target = base.resolve(f"{module}.bias")
+    target = targets.base.resolve(f"{module}.bias")
     if target is None:
         problems.append(f"adapter tensor {bias.name} (lora_bias) needs base tensor {module}.bias, which the "
                         "base lacks (PEFT cannot merge this adapter either)")
         return
-    base_shape = base.tensors[target][1].shape
+    base_shape = targets.base.tensors[target][1].shape
     if bias.shape != base_shape:
         problems.append(f"adapter tensor {bias.name} has shape {list(bias.shape)} but base tensor {target} "
                         f"has {list(base_shape)}")
         return
-    updates.setdefault(target, _Update()).bias_delta = bias.name
+    updates.setdefault(target, _Update()).bias_delta = (bias.name, scale)
 
 
 class _Scratch:
@@ -390,20 +459,37 @@ def _write_shard(
     updates: dict[str, _Update],
     adapter: _TensorReader | None,
     scratch: _Scratch,
+    untie: _Untie | None = None,
 ) -> None:
-    """Rewrite one shard with the same layout; untouched tensors never enter Python."""
+    """Rewrite one shard with the same layout (plus an untied lm_head at its end); untouched tensors never
+    enter Python."""
+    entries = shard.entries
+    if untie is not None:
+        source = shard.by_name()[untie.source]
+        end = entries[-1].end if entries else 0
+        entries = (*entries, dataclasses.replace(source, name=OUTPUT_EMBEDDING, start=end, end=end + source.nbytes))
     with _TensorReader(shard) as src, open(dest, "xb", buffering=0) as out:
-        write_all(out.fileno(), encode_header(shard.entries, SHARD_METADATA))
+        write_all(out.fileno(), encode_header(entries, SHARD_METADATA))
         for entry in shard.entries:
             update = updates.get(entry.name)
             if update is None or adapter is None:
                 copy_range(src.fileno(), out.fileno(), shard.data_start + entry.start, entry.nbytes)
                 continue
-            data = _bytes_of(_merged(src, entry, update, adapter, scratch).contiguous())
-            if data.nbytes != entry.nbytes:
-                raise RuntimeError(f"merged {entry.name} has {data.nbytes} bytes, expected {entry.nbytes}")
-            write_all(out.fileno(), data)
+            _write_tensor(out.fileno(), _merged(src, entry, update, adapter, scratch), entry)
+        if untie is not None:
+            source = shard.by_name()[untie.source]
+            if adapter is None or untie.update == _Update():
+                copy_range(src.fileno(), out.fileno(), shard.data_start + source.start, source.nbytes)
+            else:
+                _write_tensor(out.fileno(), _merged(src, source, untie.update, adapter, scratch), source)
         os.fsync(out.fileno())
+
+
+def _write_tensor(fd: int, tensor: torch.Tensor, entry: TensorEntry) -> None:
+    data = _bytes_of(tensor.contiguous())
+    if data.nbytes != entry.nbytes:
+        raise RuntimeError(f"merged {entry.name} has {data.nbytes} bytes, expected {entry.nbytes}")
+    write_all(fd, data)
 
 
 def _merged(
@@ -430,26 +516,26 @@ def _merged(
         # for a bf16/fp16 weight) and rounds once to the weight's dtype.
         weight += delta
     if update.bias_delta is not None:
-        weight += adapter.read(update.bias_delta)
+        key, scale = update.bias_delta
+        weight += adapter.read(key) * scale
     return weight
 
 
-def _write_index(base: BaseModel, out_dir: Path) -> None:
+def _write_index(base: BaseModel, out_dir: Path, untie: _Untie | None) -> None:
     assert base.index is not None
     metadata = dict(base.index.get("metadata") or {})
+    weight_map = dict(base.index["weight_map"])
     metadata["total_size"] = sum(shard.data_bytes for shard in base.shards)
-    index = {"metadata": metadata, "weight_map": dict(base.index["weight_map"])}
+    if untie is not None:
+        weight_map[OUTPUT_EMBEDDING] = untie.shard
+        metadata["total_size"] += base.tensors[untie.source][1].nbytes
+    index = {"metadata": metadata, "weight_map": weight_map}
     dest = out_dir / "model.safetensors.index.json"
     with open(dest, "x", encoding="utf-8") as fh:
         json.dump(index, fh, indent=2, sort_keys=True)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _copy_file(src: Path, dest: Path) -> None:
-    shutil.copyfile(src, dest)
-    fsync_path(dest)
 
 
 def _main_dtype(base: BaseModel) -> str:

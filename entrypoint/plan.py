@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from entrypoint import datasets
 from entrypoint.errors import ConfigError
-from entrypoint.fingerprint import digest, file_identity
-from entrypoint.settings import Settings
+from entrypoint.fingerprint import digest
+from entrypoint.model_dir import (
+    EMBEDDING_MODULES,
+    UNTIE_MODEL_TYPES,
+    BaseModel,
+    check_trainable_base,
+    model_identity,
+    tied_embeddings_problem,
+    tied_input_embedding,
+)
+from entrypoint.settings import FIELDS, Settings, llamafactory_values, non_result_lf_keys
 from entrypoint.storage import STATE_DIR
 
 OWNED_KEYS = {
@@ -33,21 +41,20 @@ OWNED_KEYS = {
     "report_to": "TRACKING",
     "logging_dir": "(kept inside LORA_OUTPUT_PATH)",
 }
-# Arguments that do not change the trained result: left out of the fingerprint, so changing them on
-# a finished run does not count as a different config. `deepspeed` (the ZeRO stage) only decides where
-# optimizer state, gradients and weights live: every rank still applies the same averaged update
-# (docs/adr/006-multinode.md).
-NON_RESULT_KEYS = {
-    "output_dir", "dataset_dir", "logging_steps", "save_steps", "save_total_limit", "report_to",
-    "plot_loss", "overwrite_output_dir", "resume_from_checkpoint", "preprocessing_num_workers",
-    "dataloader_num_workers", "ddp_timeout", "overwrite_cache", "deepspeed",
+# Arguments that do not change the trained result: left out of the run's identity, so changing them on a
+# finished run does not count as a different config. Besides the settings marked so (settings.py): where
+# things are written, how progress is reported, and keys only a LLAMAFACTORY_CONFIG YAML sets. `deepspeed`
+# (the ZeRO stage) only decides where optimizer state, gradients and weights live: every rank still applies
+# the same averaged update (docs/adr/006-multinode.md).
+NON_RESULT_KEYS = non_result_lf_keys() | {
+    "output_dir", "dataset_dir", "report_to", "plot_loss", "overwrite_output_dir", "resume_from_checkpoint",
+    "deepspeed", "preprocessing_num_workers", "dataloader_num_workers", "overwrite_cache",
 }
+FIELDS_BY_LF_KEY = {f.lf_key: f for f in FIELDS if f.lf_key}
 # DeepSpeed configs shipped inside the package (LLaMA-Factory's examples/deepspeed, "auto" values filled in
 # by transformers from the training arguments).
 DEEPSPEED_CONFIGS = {"zero2": "ds_z2.json", "zero3": "ds_z3.json"}
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -58,36 +65,7 @@ class TrainPlan:
     fingerprint: str
     fingerprint_inputs: dict[str, Any]
     data: datasets.ResolvedDatasets
-
-
-def check_base_model(path: Path) -> dict[str, Any]:
-    """The model's config.json, after checking the directory can be trained from."""
-    where = f"BASE_MODEL_PATH={str(path)!r}"
-    if not path.is_dir():
-        raise ConfigError(f"{where} does not exist or is not a directory (models must already be on the storage)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{where} has no config.json: expected a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ConfigError(f"{config_file} has no model_type: not a transformers model config")
-    if not any(glob.glob(str(path / pattern)) for pattern in WEIGHT_PATTERNS):
-        raise ConfigError(f"{where} holds no weights (*.safetensors or *.bin)")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"{where} holds no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)")
-    return config
-
-
-def model_identity(path: Path) -> dict[str, str]:
-    """Identity of the base model: its config and weights (see fingerprint.file_identity)."""
-    out: dict[str, str] = {}
-    for child in sorted(path.iterdir()):
-        if child.is_file() and (child.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja")):
-            out[child.name] = file_identity(child)
-    return out
+    base: BaseModel
 
 
 def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
@@ -113,7 +91,31 @@ def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
             f"LLAMAFACTORY_CONFIG={path_text!r} sets {', '.join(owned)}: these are owned by the entrypoint; "
             + "; ".join(f"{k} -> {OWNED_KEYS[k]}" for k in owned)
         )
+    problems = [problem for key, value in data.items() if (problem := yaml_value_problem(key, value))]
+    if problems:
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r}: " + "; ".join(problems))
     return data
+
+
+def yaml_value_problem(key: str, value: Any) -> str | None:
+    """A YAML key that a setting also sets gets that setting's validation (type and bounds); the others are
+    type-checked against LLaMA-Factory's own argument classes once it is imported (worker.check_types)."""
+    field = FIELDS_BY_LF_KEY.get(key)
+    if field is None:
+        return None
+    if isinstance(value, bool):
+        raw = "true" if value else "false"
+    elif isinstance(value, (int, float, str)):
+        raw = str(value)
+    else:
+        raw = None
+    try:
+        if raw is None or (field.kind in ("int", "float") and isinstance(value, bool)):
+            raise ValueError
+        field.parse(raw)
+    except ValueError:
+        return f"{key}={value!r} is not valid: expected {field.allowed()}"
+    return None
 
 
 def check_qlora_possible() -> None:
@@ -143,7 +145,20 @@ def check_deepspeed_possible(args: dict[str, Any], settings: Settings) -> None:
         )
 
 
+def check_publishable(base: BaseModel, args: dict[str, Any]) -> None:
+    """Refuse now what the merge could not publish as trained, rather than after the GPU hours: training the
+    input embedding or the head of a base that ties them, for a model type vLLM always ties."""
+    if args.get("finetuning_type") != "lora" or tied_input_embedding(base) is None:
+        return
+    modules = {m.strip() for key in ("lora_target", "additional_target") for m in str(args.get(key) or "").split(",")}
+    if (modules & EMBEDDING_MODULES or args.get("resize_vocab")) and base.config.get("model_type") not in \
+            UNTIE_MODEL_TYPES:
+        raise ConfigError(f"BASE_MODEL_PATH={str(base.directory)!r}: "
+                          + tied_embeddings_problem(base.config.get("model_type")))
+
+
 def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> dict[str, Any]:
+    """The settings' own arguments (settings.llamafactory_values) and the few this entrypoint derives."""
     s = settings
     args: dict[str, Any] = {
         "stage": "sft",
@@ -151,50 +166,29 @@ def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> di
         "model_name_or_path": s.base_model_path,
         "dataset": ",".join(data.names),
         "dataset_dir": str(data.dataset_dir),
-        "template": s.template,
-        "cutoff_len": s.cutoff_len,
         "output_dir": s.lora_output_path,
-        "logging_steps": s.logging_steps,
-        "save_steps": s.save_steps,
         "plot_loss": True,
         "overwrite_output_dir": False,
-        "per_device_train_batch_size": s.batch_size,
-        "gradient_accumulation_steps": s.gradient_accumulation,
-        "learning_rate": s.learning_rate,
-        "num_train_epochs": s.num_epochs,
-        "lr_scheduler_type": s.lr_scheduler,
-        "warmup_ratio": s.warmup_ratio,
-        "seed": s.seed,
         "report_to": "none",  # tracking is ours: tolerant of MLflow outages, one run per output
         "finetuning_type": "full" if s.finetuning_type == "full" else "lora",
-        "precision": s.precision,  # resolved to bf16/fp16 flags where torch can see the device
-        "ddp_timeout": s.ddp_timeout,
+        **llamafactory_values(s),  # precision is resolved to bf16/fp16 flags where torch can see the device
     }
     if s.deepspeed != "none":
         args["deepspeed"] = str(DEEPSPEED_DIR / DEEPSPEED_CONFIGS[s.deepspeed])
-    if s.max_samples:
-        args["max_samples"] = s.max_samples
-    if s.max_steps:
-        args["max_steps"] = s.max_steps
-    if s.save_total_limit:
-        args["save_total_limit"] = s.save_total_limit
-    if s.finetuning_type in ("lora", "qlora"):
-        args.update(
-            lora_rank=s.lora_rank,
-            lora_alpha=s.lora_alpha,
-            lora_dropout=s.lora_dropout,
-            lora_target=",".join(s.lora_target),
-            use_rslora=s.use_rslora,
-        )
     if s.finetuning_type == "qlora":
         args.update(quantization_bit=4, quantization_method="bnb")
     return args
 
 
+def result_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that shape the trained result: the run's identity."""
+    return {k: v for k, v in args.items() if k not in NON_RESULT_KEYS}
+
+
 def build_plan(settings: Settings) -> TrainPlan:
     """Everything the decision needs, computed without heavy imports and without writing anything."""
     output = Path(settings.lora_output_path)
-    check_base_model(Path(settings.base_model_path))
+    base = check_trainable_base(Path(settings.base_model_path))
     overrides = read_yaml_overrides(settings)
     data = datasets.resolve(
         Path(settings.dataset_path),
@@ -208,10 +202,10 @@ def build_plan(settings: Settings) -> TrainPlan:
         check_qlora_possible()
     if args.get("deepspeed"):
         check_deepspeed_possible(args, settings)
-    result_args = {k: v for k, v in args.items() if k not in NON_RESULT_KEYS}
+    check_publishable(base, args)
     inputs = {
-        "args": result_args,
+        "args": result_args(args),
         "model": model_identity(Path(settings.base_model_path)),
         "data": data.identity(),
     }
-    return TrainPlan(settings, output, args, digest(inputs), inputs, data)
+    return TrainPlan(settings, output, args, digest(inputs), inputs, data, base)

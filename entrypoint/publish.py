@@ -13,7 +13,6 @@ the old model or the new one, never a partial one; a kill at any moment leaves t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.errors import ConfigError
-from entrypoint.storage import fsync_dir, fsync_path
+from entrypoint.files import atomic_write_json, fsync_dir, read_json
 
 VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{12}|legacy-\d{8}-\d{6})$")
 MANIFEST = ".merge.json"  # inside each version: what it was made from
@@ -60,13 +59,11 @@ class Published:
         return self.path.is_dir() and not self.path.is_symlink()
 
     def manifest(self, version: Path | None) -> dict[str, Any] | None:
-        if version is None:
-            return None
-        try:
-            data = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return None if version is None else read_json(version / MANIFEST)
+
+    def serves(self, fingerprint: str) -> bool:
+        """The fixed path points at a version made from inputs with this fingerprint."""
+        return (self.manifest(self.current()) or {}).get("fingerprint") == fingerprint
 
     def versions_sorted(self) -> list[Path]:
         if not self.versions.is_dir():
@@ -114,10 +111,7 @@ class Published:
 
     def publish(self, workdir: Path, fingerprint: str, manifest: dict[str, Any]) -> Path:
         """Turn a finished work directory into the next version and point the fixed path at it."""
-        (workdir / MANIFEST).write_text(json.dumps({**manifest, "fingerprint": fingerprint}, indent=2),
-                                        encoding="utf-8")
-        fsync_path(workdir / MANIFEST)
-        fsync_dir(workdir)
+        atomic_write_json(workdir / MANIFEST, {**manifest, "fingerprint": fingerprint})
         version = self.versions / f"v{self.next_number():04d}-{fingerprint[:12]}"
         os.rename(workdir, version)
         fsync_dir(self.versions)
@@ -151,17 +145,28 @@ def check_free_space(where: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     margin = 64 * 1024 * 1024
     if free < needed + margin:
-        gib = 1024**3
         raise ConfigError(
-            f"not enough free space on {probe}: the merged model needs {needed / gib:.2f} GiB (+64 MiB margin), "
-            f"{free / gib:.2f} GiB are free; free space or lower MERGE_KEEP_VERSIONS"
+            f"not enough free space on {probe}: the merged model needs {human_size(needed)} (+64 MiB margin), "
+            f"{human_size(free)} are free; free space or lower MERGE_KEEP_VERSIONS"
         )
+
+
+def human_size(count: int) -> str:
+    """Bytes in the largest binary unit that keeps a figure of at least 1 (MiB under a GiB: a small disk
+    does not read as 0.00 GiB)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} bytes"
 
 
 @contextlib.contextmanager
 def cleanup_on_failure(workdir: Path):
+    """Remove the work directory of a merge that failed, and the versions directory when it is left empty."""
     try:
         yield
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            workdir.parent.rmdir()  # only when empty: a first merge that failed leaves nothing behind
         raise

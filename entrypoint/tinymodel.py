@@ -1,7 +1,7 @@
 """Tiny causal LMs and demo datasets generated on the spot: no model hub, ever.
 
 A random-init Llama of a few layers with a byte-level BPE tokenizer trained on the demo texts, the
-llama3 special tokens (so the default TEMPLATE=llama3 works unchanged) and a chat template; and a
+llama3 special tokens (so the original design's TEMPLATE=llama3 works unchanged) and a chat template; and a
 Qwen2-style base (TEMPLATE=qwen) whose end-of-text token is not the chat's stop token. Used by the
 local demo and the tests; small enough that LoRA training on the CPU takes seconds, and shaped so that
 vLLM's CPU build serves them.

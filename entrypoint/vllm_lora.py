@@ -1,4 +1,4 @@
-"""The alternative to merging: let vLLM serve the LoRA adapter itself (dynamic LoRA).
+"""`python -m entrypoint vllm-lora`, the alternative to merging: let vLLM serve the LoRA adapter itself.
 
 vLLM applies one scale (lora_alpha / r, or / sqrt(r) with rsLoRA) to every module and serves LoRA
 on linear layers only, so only some adapters come out of it the same as a merge would. Torch-free:
@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 from entrypoint.errors import ConfigError
-from entrypoint.lora_inputs import added_tokens, parse_adapter_key, read_adapter, read_base_model
+from entrypoint.lora_inputs import parse_adapter_key, read_adapter
+from entrypoint.model_dir import EMBEDDING_MODULES, added_tokens, read_base_model
+from entrypoint.settings import NAME_RE, Settings
 
 # vLLM's LoRAConfig accepts these max_lora_rank values; an adapter's rank must not exceed the one set.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def adapter_max_rank(adapter_dir: Path) -> int:
@@ -90,7 +89,7 @@ def vllm_lora_instructions(
     adapter_dir: Path, name: str, max_lora_rank: int | None = None
 ) -> VllmLoraInstructions:
     """vLLM flags and the runtime load request; max_lora_rank defaults to the smallest that fits."""
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise ConfigError(f"LoRA name {name!r} is not valid: use letters, digits, '.', '_' or '-'")
     rank = adapter_max_rank(adapter_dir)
     if max_lora_rank is None:
@@ -112,3 +111,19 @@ def vllm_lora_instructions(
         load_path="/v1/load_lora_adapter",
         load_body={"lora_name": name, "lora_path": path},
     )
+
+
+def run(settings: Settings) -> int:
+    """Can vLLM serve the adapter without a merge, and how: the flags and the runtime load request."""
+    from entrypoint.merge_inputs import wait_for_adapter
+
+    wait_for_adapter(settings)
+    adapter = Path(settings.lora_output_path)
+    problems = check_vllm_lora(adapter, Path(settings.base_model_path))
+    if problems:
+        raise ConfigError("vLLM cannot serve this adapter as is: " + "; ".join(problems) + ". Merge it instead "
+                          "(python -m entrypoint merge)")
+    instructions = vllm_lora_instructions(adapter, settings.served_model_name)
+    print(instructions.text())
+    print(json.dumps({"lora_name": settings.served_model_name, "lora_path": str(adapter)}))
+    return 0

@@ -16,6 +16,7 @@ from k8s_tasks import ui as port_forward
 from k8s_tasks.cluster import KubeCluster
 from k8s_tasks.deploy import deploy_image, plan_deploy
 from k8s_tasks.follow import follow_job
+from k8s_tasks.generate import generate as generate_files
 from k8s_tasks.image import ImageRef, build_plan, git_state, push_plan, repository, validate_tag
 from k8s_tasks.jobs import plan_start
 from k8s_tasks.overlays import check_env
@@ -48,17 +49,18 @@ def _image(tag: str | None) -> tuple[ImageRef, str]:
     return ImageRef(repo, validate_tag(tag) if tag else state.tag), state.revision
 
 
-def build(tag: str | None, dry_run: bool) -> None:
+def build(*, tag: str | None, dry_run: bool, builder: str = "docker", base_image: str | None = None,
+          torch_variant: str | None = None) -> None:
     ref, revision = _image(tag)
-    run_plan(build_plan(ref, revision), dry_run=dry_run)
+    run_plan(build_plan(ref, revision, builder, base_image, torch_variant), dry_run=dry_run)
 
 
-def push(tag: str | None, dry_run: bool) -> None:
+def push(*, tag: str | None, dry_run: bool) -> None:
     ref, _ = _image(tag)
     run_plan(push_plan(ref), dry_run=dry_run)
 
 
-def deploy(env: str | None, component: str, tag: str | None, digest: str | None, mlflow_env: str | None,
+def deploy(*, env: str | None, component: str, tag: str | None, digest: str | None, mlflow_env: str | None,
            wait: bool, dry_run: bool) -> None:
     env = check_env(env)
     image = deploy_image(env, tag=tag, digest=digest)
@@ -66,7 +68,8 @@ def deploy(env: str | None, component: str, tag: str | None, digest: str | None,
     run_plan(plan, dry_run=dry_run)
 
 
-def start(component: str, env: str | None, name: str | None, tag: str | None, follow: bool, dry_run: bool) -> None:
+def start(component: str, *, env: str | None, name: str | None, tag: str | None, follow: bool,
+          dry_run: bool) -> None:
     env = check_env(env)
     require_tool("kubectl")
     cluster = KubeCluster()
@@ -90,36 +93,42 @@ def status() -> None:
     print(render_status(KubeCluster(), datetime.now(UTC)))
 
 
-def logs(job: str | None, component: str, follow: bool, tail: int) -> None:
+def logs(*, job: str | None, component: str, follow: bool, tail: int) -> None:
     cluster = KubeCluster()
     pod = pod_logs.pick_pod(cluster, job, component)
     try:
-        pod_logs.print_logs(cluster, pod, sys.stdout, follow, tail or None)
+        pod_logs.print_logs(cluster, pod, sys.stdout, follow=follow, tail=tail or None)
     except KeyboardInterrupt:
         raise Exit("", code=130) from None
 
 
-def ui(target: str, env: str | None, port: int, dry_run: bool) -> None:
+def ui(target: str, *, env: str | None, port: int, dry_run: bool) -> None:
     help_if_asked("ui", target)
-    run_plan(port_forward.plan_ui(target, check_env(env) if env else None, port or None), dry_run=dry_run)
+    cluster = KubeCluster() if target == "webui" else None  # the WebUI may be scaled to 0: say how to start it
+    run_plan(port_forward.plan_ui(target, env=check_env(env) if env else None, port=port or None, cluster=cluster),
+             dry_run=dry_run)
 
 
-def cleanup(target: str, everything: bool, dry_run: bool) -> None:
+def cleanup(target: str, *, everything: bool, dry_run: bool) -> None:
     help_if_asked("cleanup", target)
-    run_plan(cleanup_plans.plan_cleanup(target, KubeCluster(), everything), dry_run=dry_run)
+    run_plan(cleanup_plans.plan_cleanup(target, KubeCluster(), everything=everything), dry_run=dry_run)
 
 
-def validate() -> None:
-    validate_overlays(sys.stdout)
+def validate(*, env: str | None) -> None:
+    validate_overlays(sys.stdout, env=check_env(env) if env else None)
 
 
-def test(pytest_args: str, dry_run: bool) -> None:
+def generate(*, check: bool, dry_run: bool) -> None:
+    generate_files(sys.stdout, check=check, dry_run=dry_run)
+
+
+def test(*, pytest_args: str, dry_run: bool) -> None:
     run_plan(local.plan_test(pytest_args), dry_run=dry_run)
 
 
-def demo(storage: str | None, dry_run: bool) -> None:
+def demo(*, storage: str | None, dry_run: bool) -> None:
     run_plan(local.plan_demo(storage), dry_run=dry_run)
 
 
-def bench(dry_run: bool) -> None:
+def bench(*, dry_run: bool) -> None:
     run_plan(local.plan_bench(), dry_run=dry_run)

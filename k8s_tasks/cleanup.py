@@ -12,7 +12,7 @@ from k8s_tasks.status import SELECTOR
 TARGETS = ("jobs",)
 
 
-def plan_cleanup(target: str, cluster: Cluster, everything: bool = False) -> Plan:
+def plan_cleanup(target: str, cluster: Cluster, *, everything: bool = False) -> Plan:
     if target not in TARGETS:
         raise Exit(f"cleanup takes one of {', '.join(TARGETS)}, not {target!r}")
     jobs = sorted(cluster.jobs(SELECTOR), key=lambda j: j.metadata.name)

@@ -40,31 +40,32 @@ class Cluster(Protocol):
     def exec(self, pod: str, container: str, argv: list[str]) -> str: ...
 
 
-def _kubeconfig_paths(environ: Mapping[str, str]) -> list[Path]:
-    if environ.get("KUBECONFIG"):
-        return [Path(p) for p in environ["KUBECONFIG"].split(os.pathsep) if p]
-    return [Path(environ.get("HOME", str(Path.home()))) / ".kube" / "config"]
+def kubeconfig_files(environ: Mapping[str, str]) -> str:
+    """The kubeconfig files kubectl reads: $KUBECONFIG (several, separated as PATH is), else ~/.kube/config."""
+    return environ.get("KUBECONFIG") or str(Path(environ.get("HOME", str(Path.home()))) / ".kube" / "config")
 
 
 def kubeconfig(environ: Mapping[str, str] | None = None) -> tuple[str | None, dict[str, Any]]:
-    """(current context, its user entry) from the kubeconfig files, merged as kubectl does (first one wins)."""
-    environ = os.environ if environ is None else environ
-    current: str | None = None
-    contexts: dict[str, Any] = {}
-    users: dict[str, Any] = {}
-    for path in _kubeconfig_paths(environ):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        current = current or data.get("current-context") or None
-        for entry in data.get("contexts") or []:
-            contexts.setdefault(entry.get("name"), entry.get("context") or {})
-        for entry in data.get("users") or []:
-            users.setdefault(entry.get("name"), entry.get("user") or {})
-    if current is None or current not in contexts:
-        return None, {}
-    return current, users.get(contexts[current].get("user"), {})
+    """(current context, its user entry) from the kubeconfig files as the kubernetes client merges them;
+    (None, {}) when there is no current context. Nothing is contacted and no login plugin runs (that happens
+    when the client connects)."""
+    from kubernetes.config import ConfigException
+    from kubernetes.config.kube_config import KubeConfigLoader, KubeConfigMerger
+
+    files = kubeconfig_files(os.environ if environ is None else environ)
+    try:
+        merger = KubeConfigMerger(files)
+        # kubectl takes the current context of the first file that sets one, the client's merger that of the
+        # last: the tasks and the kubectl commands they run must talk to the same cluster.
+        current = next((c for path in merger.paths if (c := merger.config_files[path].get("current-context"))),
+                       None)
+        if current is None:
+            return None, {}
+        context = KubeConfigLoader(merger.config, active_context=current).current_context
+        user = merger.config["users"].get_with_name(context["context"].get("user"), safe=True)
+    except (ConfigException, OSError, yaml.YAMLError) as exc:
+        raise Exit(f"cannot load the kubeconfig ({files}): {exc}") from None
+    return current, dict(user.value.get("user") or {}) if user is not None else {}
 
 
 def kubeconfig_problem(root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
@@ -72,7 +73,10 @@ def kubeconfig_problem(root: Path = REPO, environ: Mapping[str, str] | None = No
 
     A plan check: `root` (where the plan runs) does not matter here.
     """
-    context, user = kubeconfig(environ)
+    try:
+        context, user = kubeconfig(environ)
+    except Exit as exc:
+        return exc.message
     if context is None:
         return NO_CONTEXT
     command = (user.get("exec") or {}).get("command")
@@ -94,12 +98,12 @@ class KubeCluster:
         problem = kubeconfig_problem()
         if problem:
             raise Exit(problem)
+        self.context = current_context()
         try:
-            api = config.new_client_from_config()
+            api = config.new_client_from_config(config_file=kubeconfig_files(os.environ), context=self.context)
         except (config.ConfigException, OSError, TypeError, ValueError) as exc:
             raise Exit(f"cannot load the kubeconfig: {exc}") from None
         self.namespace = namespace
-        self.context = current_context()
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.apps = client.AppsV1Api(api)
@@ -145,6 +149,7 @@ class KubeCluster:
             "Secret": self.core.read_namespaced_secret,
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "ServiceAccount": self.core.read_namespaced_service_account,
+            "Service": self.core.read_namespaced_service,
         }[kind]
         # Metadata only would do; the client has no such call, and none of these objects is large.
         return self._call(read, name, self.namespace) is not None

@@ -6,15 +6,25 @@ committed build, pinned by the digest its registry reports.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
 from invoke.exceptions import Exit
 
 from k8s_tasks.cluster import current_context, kubeconfig_problem
-from k8s_tasks.image import ImageRef, git_state, repository, resolve_digest, validate_digest, validate_tag
+from k8s_tasks.image import (
+    PLACEHOLDER,
+    ImageRef,
+    git_state,
+    placeholder_problem,
+    repository,
+    resolve_digest,
+    validate_digest,
+    validate_tag,
+)
 from k8s_tasks.mlflow_env import mlflow_env_steps
-from k8s_tasks.overlays import NAMESPACE, SELECTORS, deploy_dir, wrapper_step
+from k8s_tasks.overlays import NAMESPACE, SELECTORS, deploy_dir, images_of, render_overlay, wrapper_step
 from k8s_tasks.plan import Command, Plan
 from k8s_tasks.status import WEBUI
 from k8s_tasks.tools import REPO
@@ -44,6 +54,20 @@ def deploy_image(env: str, *, tag: str | None = None, digest: str | None = None,
     return ImageRef(repo, tag, resolve_digest(ref, environ))
 
 
+def image_problem(env: str, image: ImageRef, root: Path = REPO, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why what deploy applies would run other images than `image` (a plan check: it renders the overlay)."""
+    images = images_of(render_overlay(env, image, root))
+    others = sorted(images - {str(image)})
+    if not others:
+        return None
+    unpullable = [problem for other in others if (problem := placeholder_problem(other))]
+    return (f"overlays/{env} would still run {', '.join(others)} besides {image}"
+            + (f" ({'; '.join(unpullable)})" if unpullable else "")
+            + f": deploy sets the image through the `images:` entry named {PLACEHOLDER}; an overlay whose entry was "
+            "renamed (`kustomize edit set image` for plain `kubectl apply -k`) keeps its own: "
+            f"`git checkout overlays/{env}/kustomization.yaml`, then deploy again")
+
+
 def plan_deploy(env: str, component: str, image: ImageRef, *, mlflow_env: Path | None = None, wait: bool = True,
                 root: Path = REPO, environ: Mapping[str, str] | None = None) -> Plan:
     if component not in COMPONENTS:
@@ -61,4 +85,5 @@ def plan_deploy(env: str, component: str, image: ImageRef, *, mlflow_env: Path |
                                    f"--timeout={ROLLOUT_TIMEOUT}")))
     title = (f"deploy overlays/{env} ({component}: {COMPONENTS[component]}) with image {image} "
              f"to kube context {current_context(environ)}")
-    return Plan(title, plan_steps, checks=[kubeconfig_problem], notes=notes)
+    checks = [kubeconfig_problem, functools.partial(image_problem, env, image)]
+    return Plan(title, plan_steps, checks=checks, notes=notes)

@@ -6,6 +6,7 @@ pod does not run yet (no GPU node, image pull). It returns once the Job is Compl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -57,95 +58,131 @@ def _container(pod: Any) -> str:
     return pod.spec.containers[0].name
 
 
-def follow_job(
-    cluster: Cluster,
-    name: str,
-    env: str,
-    out: TextIO,
-    *,
-    poll: float = 2.0,
-    stuck_after: float = 300.0,
-    heartbeat: float = 60.0,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-    experiment: Callable[[str, str], str | None] = experiment_of_run,
-) -> bool:
-    """Follow Job `name` to its end; print its result. True when it completed."""
-    seen: set[str] = set()
-    run: tuple[str, str] | None = None
-    last_wait: tuple[str, str] | None = None
-    started_at = wait_since = printed_at = clock()
-    while True:
-        job = cluster.job(name)
-        if job is None:
-            raise Exit(f"Job {name} is gone (deleted?)")
-        pods = sorted(cluster.pods(f"batch.kubernetes.io/job-name={name}"),
-                      key=lambda p: p.metadata.creation_timestamp)
-        fresh = [p for p in pods if p.metadata.name not in seen]
-        pod = next((p for p in fresh if started(p)), None)
-        if pod is not None:
-            seen.add(pod.metadata.name)
-            last_wait = None
-            print(f"--- pod {pod.metadata.name} on node {pod.spec.node_name or '?'}", file=out, flush=True)
-            for line in cluster.pod_log(pod.metadata.name, _container(pod), follow=True):
-                print(line, file=out, flush=True)
-                match = MLFLOW_RUN.search(line)
-                if match:
-                    run = (match.group(1), match.group(2))
-            ended = _wait_for_termination(cluster, name, pod.metadata.name, sleep, poll)
-            if ended is not None:
-                print(f"--- pod {pod.metadata.name}: {describe_termination(ended)}", file=out, flush=True)
-            wait_since = clock()
-            continue
-        outcome = job_outcome(job)
-        if outcome is not None:
-            break
-        pending = fresh[-1] if fresh else None
-        if pending is not None:
-            state = waiting(pending)
-        elif job.spec.suspend:
-            state = ("Suspended", "the Job waits to be admitted (a queue such as Kueue holds it)")
-        else:
-            state = ("NoPod", "the Job controller has not created a pod yet")
-        # Print a wait when it changes, and again every `heartbeat` seconds so a long wait shows it is alive.
-        if state is not None and (state != last_wait or clock() - printed_at >= heartbeat):
-            reason, detail = state
-            print(f"... {reason}{': ' + detail if detail else ''} ({int(clock() - started_at)}s)", file=out,
-                  flush=True)
-            if state != last_wait:
-                wait_since = clock()
-            last_wait, printed_at = state, clock()
-        if pending is not None and state is not None and state[0] in STUCK_REASONS \
-                and clock() - wait_since > stuck_after:
-            raise Exit(f"pod {pending.metadata.name} cannot start ({state[0]}: {state[1]}); the Job is still there: "
-                       f"fix the cause, then `kubectl delete job -n {cluster.namespace} {name}` and start again")
-        sleep(poll)
+@dataclasses.dataclass(frozen=True)
+class Pace:
+    """How the follower waits: how often it looks, how soon a pod that cannot start stops it, how often an
+    unchanged wait is repeated (so a long wait shows it is alive). Tests pass a fake sleep and clock."""
 
-    kind, reason, message = outcome
-    if kind == "Complete":
-        took = age(job.status.start_time, job_end(job) or job.status.start_time)
-        print(f"Job {name} completed in {took}", file=out)
-    else:
-        print(f"Job {name} failed: {reason}: {message}".rstrip(": "), file=out)
-        last = sorted((t for p in pods for t in terminations(p) if t.exit_code != 0),
-                      key=lambda t: (t.finished is not None, t.finished))
-        if last:
-            print(f"last failure: pod {last[-1].pod}: {describe_termination(last[-1])}", file=out)
-    if run is not None:
-        print(mlflow_link(run[1], run[0], env, experiment), file=out)
-    out.flush()
+    poll: float = 2.0
+    stuck_after: float = 300.0
+    heartbeat: float = 60.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+
+def follow_job(cluster: Cluster, name: str, env: str, out: TextIO, *, pace: Pace | None = None,
+               experiment: Callable[[str, str], str | None] = experiment_of_run) -> bool:
+    """Follow Job `name` to its end; print its result. True when it completed."""
+    follower = _Follower(cluster, name, out, pace or Pace())
+    job, pods, (kind, reason, message) = follower.until_finished()
+    lines = _completed(name, job) if kind == "Complete" else _failed(name, reason, message, pods)
+    if follower.run is not None:
+        run_id, uri = follower.run
+        lines.append(mlflow_link(uri, run_id, env, experiment))
+    print("\n".join(lines), file=out, flush=True)
     return kind == "Complete"
 
 
-def _wait_for_termination(cluster: Cluster, job: str, pod_name: str, sleep: Callable[[float], None],
-                          poll: float, attempts: int = 30) -> Any | None:
-    """The pod's termination once the kubelet has recorded it (the log stream ends slightly earlier)."""
-    for _ in range(attempts):
-        pods = [p for p in cluster.pods(f"batch.kubernetes.io/job-name={job}") if p.metadata.name == pod_name]
-        if not pods:
-            return None
-        ended = [t for t in terminations(pods[0]) if t.finished is not None]
-        if ended and pods[0].status.phase in ("Succeeded", "Failed"):
-            return max(ended, key=lambda t: t.finished)
-        sleep(poll)
-    return None
+def waiting_for(job: Any, pending: Any | None) -> tuple[str, str] | None:
+    """(reason, detail) of what the Job waits for while no pod of it runs; None when nothing to say."""
+    if pending is not None:
+        return waiting(pending)
+    if job.spec.suspend:
+        return "Suspended", "the Job waits to be admitted (a queue such as Kueue holds it)"
+    return "NoPod", "the Job controller has not created a pod yet"
+
+
+class _Follower:
+    """Following one Job: its pods' logs in turn, the waits in between, until the Job is finished."""
+
+    def __init__(self, cluster: Cluster, name: str, out: TextIO, pace: Pace) -> None:
+        self.cluster, self.name, self.out, self.pace = cluster, name, out, pace
+        self.streamed: set[str] = set()  # pods whose logs were shown (a retry gets a new pod)
+        self.run: tuple[str, str] | None = None  # (run id, tracking URI) from the entrypoint's last line
+        self.last_wait: tuple[str, str] | None = None
+        self.started_at = self.wait_since = self.printed_at = pace.clock()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def pods(self) -> list[Any]:
+        return sorted(self.cluster.pods(f"batch.kubernetes.io/job-name={self.name}"),
+                      key=lambda p: p.metadata.creation_timestamp)
+
+    def until_finished(self) -> tuple[Any, list[Any], tuple[str, str, str]]:
+        """The finished Job, its pods and its outcome, after streaming every pod that ran."""
+        while True:
+            job = self.cluster.job(self.name)
+            if job is None:
+                raise Exit(f"Job {self.name} is gone (deleted?)")
+            pods = self.pods()
+            fresh = [p for p in pods if p.metadata.name not in self.streamed]
+            pod = next((p for p in fresh if started(p)), None)
+            if pod is not None:
+                self.stream(pod)
+                continue
+            outcome = job_outcome(job)
+            if outcome is not None:
+                return job, pods, outcome
+            self.report_wait(job, fresh[-1] if fresh else None)
+            self.pace.sleep(self.pace.poll)
+
+    def stream(self, pod: Any) -> None:
+        """The pod's log to its end, then how its container ended."""
+        name = pod.metadata.name
+        self.streamed.add(name)
+        self.last_wait = None
+        self.say(f"--- pod {name} on node {pod.spec.node_name or '?'}")
+        for line in self.cluster.pod_log(name, _container(pod), follow=True):
+            self.say(line)
+            match = MLFLOW_RUN.search(line)
+            if match:
+                self.run = (match.group(1), match.group(2))
+        ended = self.termination(name)
+        if ended is not None:
+            self.say(f"--- pod {name}: {describe_termination(ended)}")
+        self.wait_since = self.pace.clock()
+
+    def termination(self, pod_name: str, attempts: int = 30) -> Any | None:
+        """The pod's termination once the kubelet has recorded it (the log stream ends slightly earlier)."""
+        for _ in range(attempts):
+            pods = [p for p in self.pods() if p.metadata.name == pod_name]
+            if not pods:
+                return None
+            ended = [t for t in terminations(pods[0]) if t.finished is not None]
+            if ended and pods[0].status.phase in ("Succeeded", "Failed"):
+                return max(ended, key=lambda t: t.finished)
+            self.pace.sleep(self.pace.poll)
+        return None
+
+    def report_wait(self, job: Any, pending: Any | None) -> None:
+        """Print a wait when it changes, and again every `heartbeat` seconds; stop on a pod that cannot start."""
+        state = waiting_for(job, pending)
+        if state is None:
+            return
+        now = self.pace.clock()
+        if state != self.last_wait or now - self.printed_at >= self.pace.heartbeat:
+            reason, detail = state
+            self.say(f"... {reason}{': ' + detail if detail else ''} ({int(now - self.started_at)}s)")
+            if state != self.last_wait:
+                self.wait_since = now
+            self.last_wait, self.printed_at = state, now
+        if pending is not None and state[0] in STUCK_REASONS and now - self.wait_since > self.pace.stuck_after:
+            raise Exit(f"pod {pending.metadata.name} cannot start ({state[0]}: {state[1]}); the Job is still there: "
+                       f"fix the cause, then `kubectl delete job -n {self.cluster.namespace} {self.name}` and "
+                       "start again")
+
+
+def _completed(name: str, job: Any) -> list[str]:
+    took = age(job.status.start_time, job_end(job) or job.status.start_time)
+    return [f"Job {name} completed in {took}"]
+
+
+def _failed(name: str, reason: str, message: str, pods: list[Any]) -> list[str]:
+    """The Job's failure, then the last failed container of its pods (the one that decided it)."""
+    lines = [f"Job {name} failed: {reason}: {message}".rstrip(": ")]
+    failed = sorted((t for p in pods for t in terminations(p) if t.exit_code != 0),
+                    key=lambda t: (t.finished is not None, t.finished))
+    if failed:
+        lines.append(f"last failure: pod {failed[-1].pod}: {describe_termination(failed[-1])}")
+    return lines

@@ -17,11 +17,23 @@ from k8s_tasks.plan import Command, Plan
 from k8s_tasks.tools import REPO, find_tool, missing_tool_message, require_tool
 
 IMAGE_NAME = "llama-factory-train"
-# The image name in base/ and in every overlay's `images:` entry; deploy replaces it with the real one.
-PLACEHOLDER = f"eu.gcr.io/PROJECT_ID/{IMAGE_NAME}"
+# The image name in base/ and in every overlay's `images:` entry: Artifact Registry's layout with its three
+# parts still to fill in. Deploy replaces it with the real one; an overlay applied with it never pulls.
+PLACEHOLDER = f"REGION-docker.pkg.dev/PROJECT/REPOSITORY/{IMAGE_NAME}"
 DOCKERFILE = "docker/Dockerfile"
 # GKE GPU nodes are x86-64; without it a build on an arm64 laptop would give an image the nodes cannot run.
 PLATFORM = "linux/amd64"
+# How each builder builds docker/Dockerfile: buildah needs no daemon, chroot isolation no OCI runtime, and
+# the Docker format keeps what the OCI format drops (HEALTHCHECK), so both builders give the same image.
+BUILDERS = {
+    "docker": ("docker", "build"),
+    "buildah": ("buildah", "bud", "--isolation", "chroot", "--format", "docker"),
+}
+# The Dockerfile's build arguments BASE_IMAGE and TORCH_VARIANT, and their defaults there.
+DEFAULT_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+DEFAULT_TORCH_VARIANT = "cu128"
+# A PyTorch wheel index: download.pytorch.org/whl/<variant>.
+_TORCH_VARIANT = re.compile(r"cpu|cu\d{3}")
 
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -29,11 +41,14 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
 _REGION = re.compile(r"[a-z]+-[a-z]+\d+")
 _AR_REPOSITORY = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+# Container Registry (gcr.io and its regional hosts) was shut down in 2025: no image is pushed there.
+_CONTAINER_REGISTRY = re.compile(r"(?:[a-z]+\.)?gcr\.io/")
 
-PROJECT_ID_UNSET = (
-    "PROJECT_ID is not set: `export PROJECT_ID=<your GCP project>` (the image is "
-    f"eu.gcr.io/$PROJECT_ID/{IMAGE_NAME}; set REGION and REPOSITORY too for Artifact Registry: "
-    f"<REGION>-docker.pkg.dev/$PROJECT_ID/<REPOSITORY>/{IMAGE_NAME})"
+REGISTRY_UNSET = (
+    "{names} not set: the image lives in Artifact Registry, <REGION>-docker.pkg.dev/<PROJECT_ID>/<REPOSITORY>/"
+    f"{IMAGE_NAME}: `export PROJECT_ID=<your GCP project> REGION=<its region, such as europe-west4> "
+    "REPOSITORY=<a Docker repository there>` (create one with `gcloud artifacts repositories create "
+    "REPOSITORY --repository-format=docker --location=REGION`)"
 )
 
 
@@ -62,28 +77,34 @@ class ImageRef:
 
 
 def repository(environ: Mapping[str, str] | None = None) -> str:
-    """Where the image lives: eu.gcr.io (the seed's), or Artifact Registry when REGION and REPOSITORY are set."""
+    """Where the image lives: <REGION>-docker.pkg.dev/<PROJECT_ID>/<REPOSITORY>/llama-factory-train."""
     environ = os.environ if environ is None else environ
-    project = environ.get("PROJECT_ID", "").strip()
-    if not project:
-        raise Exit(PROJECT_ID_UNSET)
+    values = {name: environ.get(name, "").strip() for name in ("PROJECT_ID", "REGION", "REPOSITORY")}
+    unset = [name for name, value in values.items() if not value]
+    if unset:
+        names = " and ".join(unset) + (" is" if len(unset) == 1 else " are")
+        raise Exit(REGISTRY_UNSET.format(names=names))
+    project, region, repo = values.values()
     if not _PROJECT.fullmatch(project):
         raise Exit(f"PROJECT_ID {project!r} is not a GCP project id (6-30 lowercase letters, digits, hyphens)")
-    path = project.replace(":", "/")  # domain-scoped projects: gcr.io/example.com/my-project
-    region = environ.get("REGION", "").strip()
-    repo = environ.get("REPOSITORY", "").strip()
-    if bool(region) != bool(repo):
-        raise Exit(
-            "set both REGION and REPOSITORY (Artifact Registry: <REGION>-docker.pkg.dev/$PROJECT_ID/<REPOSITORY>), "
-            f"or neither (eu.gcr.io/$PROJECT_ID); now REGION={region!r}, REPOSITORY={repo!r}"
-        )
-    if region:
-        if not _REGION.fullmatch(region):
-            raise Exit(f"REGION {region!r} is not a GCP region (such as europe-west4)")
-        if not _AR_REPOSITORY.fullmatch(repo):
-            raise Exit(f"REPOSITORY {repo!r} is not an Artifact Registry repository name (lowercase, digits, -)")
-        return f"{region}-docker.pkg.dev/{path}/{repo}/{IMAGE_NAME}"
-    return f"eu.gcr.io/{path}/{IMAGE_NAME}"
+    if not _REGION.fullmatch(region):
+        raise Exit(f"REGION {region!r} is not a GCP region (such as europe-west4)")
+    if not _AR_REPOSITORY.fullmatch(repo):
+        raise Exit(f"REPOSITORY {repo!r} is not an Artifact Registry repository name (lowercase letters, digits, -)")
+    path = project.replace(":", "/")  # domain-scoped projects: example.com/my-project
+    return f"{region}-docker.pkg.dev/{path}/{repo}/{IMAGE_NAME}"
+
+
+def placeholder_problem(image: str) -> str | None:
+    """Why a rendered image can never be pulled (the placeholder, an all-zero digest, Container Registry)."""
+    ref = ImageRef.parse(image)
+    if ref.repository == PLACEHOLDER:
+        return f"{image} is the placeholder: REGION, PROJECT and REPOSITORY are still to be filled in"
+    if ref.digest and set(ref.digest.removeprefix("sha256:")) == {"0"}:
+        return f"{image} pins the all-zero placeholder digest"
+    if _CONTAINER_REGISTRY.match(ref.repository):
+        return f"{image} is in Container Registry (gcr.io), which was shut down in 2025: use Artifact Registry"
+    return None
 
 
 def validate_tag(tag: str) -> str:
@@ -123,21 +144,41 @@ def git_state(root: Path = REPO, environ: Mapping[str, str] | None = None) -> Gi
     return GitState(revision, f"{short}-dirty" if dirty else short)
 
 
-def build_plan(ref: ImageRef, revision: str) -> Plan:
-    """docker build of docker/Dockerfile with the repository root as context (.dockerignore narrows it)."""
+def build_plan(ref: ImageRef, revision: str, builder: str = "docker", base_image: str | None = None,
+               torch_variant: str | None = None) -> Plan:
+    """Build docker/Dockerfile with the repository root as context (.dockerignore narrows it), by docker or
+    buildah; the build arguments only when they differ from the Dockerfile's defaults."""
+    if builder not in BUILDERS:
+        raise Exit(f"--builder must be one of {', '.join(BUILDERS)}, not {builder!r}")
+    build_args = []
+    if base_image is not None:
+        if not base_image.strip() or any(c.isspace() for c in base_image):
+            raise Exit(f"--base-image {base_image!r} is not an image reference (such as {DEFAULT_BASE_IMAGE})")
+        build_args += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    if torch_variant is not None:
+        if not _TORCH_VARIANT.fullmatch(torch_variant):
+            raise Exit(f"--torch-variant {torch_variant!r} is not a PyTorch wheel variant: cpu, or cu and the "
+                       f"CUDA version's digits (such as {DEFAULT_TORCH_VARIANT})")
+        build_args += ["--build-arg", f"TORCH_VARIANT={torch_variant}"]
     argv = (
-        "docker", "build",
+        *BUILDERS[builder],
         "--platform", PLATFORM,
         "--file", DOCKERFILE,
         "--tag", str(ref),
         "--label", f"org.opencontainers.image.revision={revision}",
         "--label", f"org.opencontainers.image.version={ref.tag}",
+        *build_args,
         ".",
     )  # fmt: skip
     notes = []
     if ref.tag and ref.tag.endswith("-dirty"):
         notes.append("the work tree has uncommitted changes: this image cannot be rebuilt from git, "
                      "and `invoke deploy --env=prod` refuses it")
+    if torch_variant == "cpu":
+        notes.append("torch without CUDA: this image trains on CPUs only, never on the GPU nodes")
+    if builder == "buildah":
+        notes.append(f"the image is in buildah's store, where `invoke push` (docker) cannot see it: "
+                     f"`buildah push {ref}` pushes it")
     return Plan(f"build {ref}", [Command(argv)], notes=notes)
 
 

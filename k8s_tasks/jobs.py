@@ -1,10 +1,11 @@
 """Starting a training or merge Job under a unique name, from the overlay's Job template.
 
-The overlay renders each Job as `llama-<component>-<hash>` (components/job-identity, docs/adr/004); its pod
-reads `llm-config-<hash>` and the identity ConfigMap `llama-<component>-<hash>` (the config plus IMAGE),
-which `invoke deploy` applies. `invoke train` copies that template under a new name and refers to the same
-ConfigMaps, so it needs no re-deploy; it never applies configuration itself. Instead it looks for the
-deployed identity whose configuration equals the overlay's, and takes the image from it:
+The overlay renders each Job as `llama-<component>-<hash>`, the hash of its whole spec and configuration
+(components/job-identity, docs/adr/009); its pod reads `llm-config-<hash>` and the identity ConfigMap
+`llama-<component>-identity-<hash>` (the config plus IMAGE), which `invoke deploy` applies. `invoke train`
+copies that template under a new name and refers to the same ConfigMaps, so it needs no re-deploy; it never
+applies configuration itself. Instead it looks for the deployed identity whose configuration equals the
+overlay's, and takes the image from it:
 
 - the Job runs only a (configuration, image) pair that deploy applied, so deploy's refusals (prod: no
   dirty build, digest only) hold for every Job, and the WebUI and the Jobs share one configuration;
@@ -43,7 +44,7 @@ OVERLAY_ANNOTATION = "llama-factory/overlay"
 
 
 def default_name(component: str, now: datetime) -> str:
-    """The seed's default: llama-train-<YYYYmmdd-HHMMSS> (UTC, so names sort the same for everyone)."""
+    """The original design's default: llama-train-<YYYYmmdd-HHMMSS> (UTC, so names sort the same for everyone)."""
     return f"llama-{component}-{now.astimezone(UTC):%Y%m%d-%H%M%S}"
 
 
@@ -80,6 +81,9 @@ def references(pod_spec: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(kind, name) of every object the pod cannot start without (optional references left out)."""
     if pod_spec.get("serviceAccountName"):
         yield "ServiceAccount", pod_spec["serviceAccountName"]
+    if pod_spec.get("subdomain"):
+        # A multi-node Job's pods find node 0 through this headless Service: without it rendezvous never happens.
+        yield "Service", pod_spec["subdomain"]
     for container in [*pod_spec.get("initContainers", []), *pod_spec.get("containers", [])]:
         for source in container.get("envFrom", []):
             for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
@@ -111,7 +115,7 @@ class Identity:
 
 
 def deployed_identities(cluster: Cluster, component: str) -> list[Identity]:
-    prefix = f"llama-{component}-"
+    prefix = f"llama-{component}-identity-"
     found = []
     for cm in cluster.config_maps("app.kubernetes.io/name=llama-factory"):
         data = dict(cm.data or {})
@@ -180,10 +184,11 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
                                       webui_image)
 
     template = one(render_overlay(env, ImageRef.parse(identity.image), root), "Job", component)
-    if template["metadata"]["name"] != identity.name:
+    rendered_identity = _identity_of(template)
+    if rendered_identity != identity.name:
         # Same configuration and image must give the same kustomize hash: this means another kustomize.
-        raise Exit(f"overlays/{env} with image {identity.image} renders Job {template['metadata']['name']}, but "
-                   f"the deployed identity is {identity.name}: was it deployed with another kustomize version? "
+        raise Exit(f"overlays/{env} with image {identity.image} renders identity {rendered_identity}, but the "
+                   f"deployed one is {identity.name}: was it deployed with another kustomize version? "
                    f"`invoke deploy --env={env}` re-applies it")
     job_name = validate_name(name or default_name(component, now))
     if cluster.job(job_name) is not None:
@@ -194,7 +199,8 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
         raise Exit(f"the {component} Job needs objects missing from namespace {NAMESPACE}: {', '.join(missing)}; "
                    f"`invoke deploy --env={env}` creates them")
 
-    job = job_from_template(template, job_name, {TEMPLATE_ANNOTATION: identity.name, OVERLAY_ANNOTATION: env})
+    job = job_from_template(template, job_name, {TEMPLATE_ANNOTATION: template["metadata"]["name"],
+                                                 OVERLAY_ANNOTATION: env})
     manifest = yaml.safe_dump(job, sort_keys=False)
     title = (f"start {component} Job {job_name} in namespace {NAMESPACE} of kube context {cluster.context}: "
              f"overlays/{env}, configuration {identity.name}, image {identity.image}")
@@ -209,3 +215,13 @@ def _config_map_of(job: dict[str, Any]) -> str:
             if "configMapRef" in source:
                 return source["configMapRef"]["name"]
     raise Exit(f"Job {job['metadata']['name']} reads no ConfigMap (envFrom configMapRef)")
+
+
+def _identity_of(job: dict[str, Any]) -> str:
+    """The identity ConfigMap the Job's pods read IMAGE from."""
+    for container in job["spec"]["template"]["spec"]["containers"]:
+        for env in container.get("env", []):
+            ref = (env.get("valueFrom") or {}).get("configMapKeyRef")
+            if env["name"] == "IMAGE" and ref:
+                return ref["name"]
+    raise Exit(f"Job {job['metadata']['name']} reads IMAGE from no ConfigMap")

@@ -29,7 +29,7 @@ def pick_pod(cluster: Cluster, job: str | None, component: str) -> Any:
     return max(pods, key=lambda p: p.metadata.creation_timestamp)
 
 
-def print_logs(cluster: Cluster, pod: Any, out: TextIO, follow: bool, tail: int | None) -> None:
+def print_logs(cluster: Cluster, pod: Any, out: TextIO, *, follow: bool, tail: int | None) -> None:
     if not started(pod):
         reason, detail = waiting(pod) or ("Pending", "")
         raise Exit(f"pod {pod.metadata.name} has not started ({reason}{': ' + detail if detail else ''}): "

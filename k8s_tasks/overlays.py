@@ -25,7 +25,7 @@ ENVS = ("dev", "gpu", "prod", "multinode")
 NAMESPACE = "llm-training"
 KUSTOMIZE_DIRS = ("base", "components", "overlays")
 COMPONENT_LABEL = "app.kubernetes.io/component"
-# What `deploy --component` applies, as kubectl label selectors over the rendered objects (the seed's
+# What `deploy --component` applies, as kubectl label selectors over the rendered objects (the original design's
 # all/base/webui split). The Jobs are never applied by deploy: `invoke train` and `invoke merge` start them
 # under unique names. Objects without the label (namespace, config, Secret, storage, policies) are "base".
 SELECTORS = {
@@ -81,12 +81,19 @@ def copy_tree(dest: Path, root: Path = REPO) -> Path:
     return dest
 
 
-def render(path: Path, kubectl: str) -> str:
-    result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, check=False,
-                            timeout=120)
+def render(path: Path, kubectl: str | None = None) -> str:
+    """`kubectl kustomize path` (kubectl found by require_tool unless given)."""
+    result = subprocess.run([kubectl or require_tool("kubectl"), "kustomize", str(path)], capture_output=True,
+                            text=True, check=False, timeout=120)
     if result.returncode != 0:
         raise Exit(f"`kubectl kustomize {path}` failed:\n{result.stderr.strip()}")
     return result.stdout
+
+
+def render_envs(tree: Path) -> dict[str, str]:
+    """Every overlay of a copied tree (copy_tree) rendered: what the reviewed renders in tests/manifests hold."""
+    kubectl = require_tool("kubectl")
+    return {env: render(tree / "overlays" / env, kubectl) for env in ENVS}
 
 
 def parse(text: str) -> list[dict[str, Any]]:
@@ -107,6 +114,15 @@ def render_overlay(env: str, image: ImageRef | None = None, root: Path = REPO) -
             target.mkdir(parents=True)
             (tree / step.path).write_text(step.content, encoding="utf-8")
         return parse(render(target, kubectl))
+
+
+def images_of(docs: list[dict[str, Any]]) -> set[str]:
+    """Every container image of the workloads' pod templates."""
+    found = set()
+    for doc in docs:
+        spec = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+        found |= {c["image"] for c in [*spec.get("initContainers", []), *spec.get("containers", [])]}
+    return found
 
 
 def component_of(doc: dict[str, Any]) -> str | None:

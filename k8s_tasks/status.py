@@ -127,62 +127,85 @@ def _duration(job: Any, now: datetime) -> str:
 
 def render_status(cluster: Cluster, now: datetime) -> str:
     """The status report as text: what `invoke status` prints."""
-    jobs = sorted(cluster.jobs(SELECTOR), key=lambda j: j.metadata.creation_timestamp or now, reverse=True)
-    pods = sorted(cluster.pods(SELECTOR), key=lambda p: p.metadata.creation_timestamp or now, reverse=True)
+    jobs = _newest_first(cluster.jobs(SELECTOR), now)
+    pods = _newest_first(cluster.pods(SELECTOR), now)
+    lines = [f"kube context {cluster.context}, namespace {cluster.namespace}"]
+    for title, section in (("JOBS", jobs_section(cluster, jobs, pods, now)), ("PODS", pods_section(pods, now)),
+                           ("WEBUI", webui_section(cluster)), ("LAST FAILURE", failure_section(jobs, pods, now))):
+        lines += ["", title, *section]
+    return "\n".join(lines)
+
+
+def _newest_first(objects: list[Any], now: datetime) -> list[Any]:
+    return sorted(objects, key=lambda o: o.metadata.creation_timestamp or now, reverse=True)
+
+
+def jobs_section(cluster: Cluster, jobs: list[Any], pods: list[Any], now: datetime) -> list[str]:
+    """One row per Job; a running training shows its progress."""
     pods_of: dict[str, list[Any]] = {}
     for pod in pods:
         owner = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name")
         if owner:
             pods_of.setdefault(owner, []).append(pod)
-    lines = [f"kube context {cluster.context}, namespace {cluster.namespace}", "", "JOBS"]
+    rows = [_job_row(cluster, job, pods_of.get(job.metadata.name, []), now) for job in jobs]
+    if not rows:
+        return ["  none: `invoke train --env=...` starts one"]
+    return _table(["NAME", "TYPE", "STATUS", "PROGRESS", "AGE", "DURATION"], rows)
 
-    rows = []
-    for job in jobs:
-        mine = pods_of.get(job.metadata.name, [])
-        progress = "-"
-        running = [p for p in mine if p.status.phase == "Running"]
-        if job_component(job) == "train" and running and job_outcome(job) is None:
-            found = train_progress(cluster, running[0])
-            progress = str(found) if found is not None else "starting (no step logged yet)"
-        rows.append([job.metadata.name, job_component(job) or "-", _job_status(job, mine), progress,
-                     age(job.metadata.creation_timestamp, now), _duration(job, now)])
-    lines += _table(["NAME", "TYPE", "STATUS", "PROGRESS", "AGE", "DURATION"], rows) if rows else [
-        "  none: `invoke train --env=...` starts one"]
 
-    lines += ["", "PODS"]
-    rows = []
-    for pod in pods:
-        labels = pod.metadata.labels or {}
-        owner = labels.get("batch.kubernetes.io/job-name") or labels.get("app.kubernetes.io/component", "-")
-        detail = waiting(pod)
-        restarts = sum(s.restart_count or 0 for s in pod.status.container_statuses or [])
-        rows.append([pod.metadata.name, owner, pod.status.phase or "-", pod.spec.node_name or "-", str(restarts),
-                     age(pod.metadata.creation_timestamp, now), f"{detail[0]}: {detail[1]}".rstrip(": ")[:100]
-                     if detail else ""])
-    lines += _table(["NAME", "OWNER", "PHASE", "NODE", "RESTARTS", "AGE", "DETAIL"], rows) if rows else ["  none"]
+def _job_row(cluster: Cluster, job: Any, pods: list[Any], now: datetime) -> list[str]:
+    progress = "-"
+    running = [p for p in pods if p.status.phase == "Running"]
+    if job_component(job) == "train" and running and job_outcome(job) is None:
+        found = train_progress(cluster, running[0])
+        progress = str(found) if found is not None else "starting (no step logged yet)"
+    return [job.metadata.name, job_component(job) or "-", _job_status(job, pods), progress,
+            age(job.metadata.creation_timestamp, now), _duration(job, now)]
 
-    lines += ["", "WEBUI"]
+
+def pods_section(pods: list[Any], now: datetime) -> list[str]:
+    """One row per pod, with why it waits."""
+    rows = [_pod_row(pod, now) for pod in pods]
+    if not rows:
+        return ["  none"]
+    return _table(["NAME", "OWNER", "PHASE", "NODE", "RESTARTS", "AGE", "DETAIL"], rows)
+
+
+def _pod_row(pod: Any, now: datetime) -> list[str]:
+    labels = pod.metadata.labels or {}
+    owner = labels.get("batch.kubernetes.io/job-name") or labels.get("app.kubernetes.io/component", "-")
+    detail = waiting(pod)
+    restarts = sum(s.restart_count or 0 for s in pod.status.container_statuses or [])
+    return [pod.metadata.name, owner, pod.status.phase or "-", pod.spec.node_name or "-", str(restarts),
+            age(pod.metadata.creation_timestamp, now),
+            f"{detail[0]}: {detail[1]}".rstrip(": ")[:100] if detail else ""]
+
+
+def webui_section(cluster: Cluster) -> list[str]:
+    """Whether the WebUI is deployed and ready, and how to open it."""
     deployment = cluster.deployment(WEBUI)
     if deployment is None:
-        lines.append("  not deployed: `invoke deploy --env=<dev|gpu|prod|multinode> --component webui`")
-    else:
-        ready = deployment.status.ready_replicas or 0
-        wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1
-        image = deployment.spec.template.spec.containers[0].image
-        lines.append(f"  {WEBUI}: {ready}/{wanted} ready, image {image}")
-        if ready:
-            lines.append("  open it: `invoke ui webui`, then http://localhost:7860")
+        return ["  not deployed: `invoke deploy --env=<dev|gpu|prod|multinode> --component webui`"]
+    ready = deployment.status.ready_replicas or 0
+    wanted = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+    image = deployment.spec.template.spec.containers[0].image
+    lines = [f"  {WEBUI}: {ready}/{wanted} ready, image {image}"]
+    if ready:
+        lines.append("  open it: `invoke ui webui`, then http://localhost:7860")
+    return lines
 
-    lines += ["", "LAST FAILURE"]
+
+def failure_section(jobs: list[Any], pods: list[Any], now: datetime) -> list[str]:
+    """The newest failed container (exit code, meaning, termination message), then up to 3 failed Jobs."""
     failed = [t for pod in pods for t in terminations(pod) if t.exit_code != 0]
     failed.sort(key=lambda t: t.finished or now, reverse=True)
     if failed:
         last = failed[0]
         when = f"{age(last.finished, now)} ago" if last.finished else "earlier"
-        lines.append(f"  pod {last.pod} ({last.container}), {when}: {describe_termination(last)}")
+        lines = [f"  pod {last.pod} ({last.container}), {when}: {describe_termination(last)}"]
     else:
-        lines.append("  none")
+        lines = ["  none"]
     failed_jobs = [(j, job_outcome(j)) for j in jobs if (job_outcome(j) or ("",))[0] == "Failed"]
     for job, outcome in failed_jobs[:3]:
         lines.append(f"  Job {job.metadata.name}: {outcome[1]}: {outcome[2]}".rstrip(": "))
-    return "\n".join(lines)
+    return lines

@@ -100,10 +100,31 @@ def make_adapter(
 
 @torch.no_grad()
 def peft_merged(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, bare: bool = False):
-    """The reference: PEFT loads the adapter onto the base and merges it (merge_and_unload)."""
+    """The reference: PEFT loads the adapter onto the base and merges it (merge_and_unload), with the fix
+    PEFT made after 0.15.2 for lora_bias (peft pull 2489): `base_layer.bias.data += lora_B.bias * scaling`.
+    0.15.2 adds lora_B.bias unscaled, which is not what the trained forward pass computes."""
+    from peft import PeftModel
+    from peft.tuners.lora import Linear
+
+    model = PeftModel.from_pretrained(load_model(base_dir, dtype, bare), adapter_dir)
+    fixed = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.lora_bias.get("default"):
+            bias = module.get_base_layer().bias.data.clone()
+            bias += module.lora_B["default"].bias * module.scaling["default"]
+            fixed[name] = bias
+    merged = model.merge_and_unload()
+    for name, bias in fixed.items():
+        merged.get_submodule(name.removeprefix("base_model.model.")).bias.data = bias
+    return merged
+
+
+@torch.no_grad()
+def peft_unmerged(base_dir: Path, adapter_dir: Path, dtype: torch.dtype):
+    """The trained function itself: base + adapter as PEFT runs it during training (nothing merged)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(base_dir, dtype, bare), adapter_dir).merge_and_unload()
+    return PeftModel.from_pretrained(load_model(base_dir, dtype), adapter_dir).eval()
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from helpers import REPO
 
 from entrypoint.cli import COMMANDS, build_parser
 from entrypoint.errors import ExitCode
-from entrypoint.settings import FIELDS, FIELDS_BY_ENV, LOG_LEVELS
+from entrypoint.settings import FIELDS, FIELDS_BY_ATTR, FIELDS_BY_ENV
 
 DIAGRAM_DIR = REPO / "docs" / "diagrams"
 EXPECTED_DIAGRAMS = ("architecture", "workflow", "dependencies")
@@ -170,7 +170,7 @@ SETTING_REF_RE = re.compile(rf"\$\{{?({SETTING_NAME})\b")
 NOT_SETTINGS = {
     # Deploy side (tasks.py, the shell): the registry and the cluster.
     "PROJECT_ID", "REGION", "REPOSITORY", "KUBECONFIG", "PATH", "HOME", "TMPDIR", "USER", "PYTHON", "CI",
-    "DEBIAN_FRONTEND", "UPDATE_EXPECTED", "JDK_JAVA_OPTIONS",
+    "DEBIAN_FRONTEND", "JDK_JAVA_OPTIONS",
     # The MLflow client reads these itself (the mlflow-config Secret); they are not entrypoint settings.
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -178,10 +178,14 @@ NOT_SETTINGS = {
     # torchrun / torch.distributed and the Job's indexed completion.
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "FORCE_TORCHRUN",
     "JOB_COMPLETION_INDEX",
+    # A key of the kustomize-local ConfigMap that names each Job (components/job-identity, ADR-009).
+    "JOB_SPEC",
+    # docker/Dockerfile: a build argument, and what the image sets for MLflow and other libraries.
+    "BASE_IMAGE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
     # Signals and open(2) flags.
     "SIGTERM", "SIGKILL", "SIGINT", "O_CREAT", "O_EXCL",
     # Values of a setting, not names of one.
-    *LOG_LEVELS,
+    *FIELDS_BY_ATTR["log_level"].choices,
 }
 NOT_SETTING_PREFIXES = ("HF_", "TRANSFORMERS_", "NCCL_", "CUDA_", "PYTORCH_", "TORCH_", "GRADIO_", "VLLM_")
 
@@ -405,7 +409,7 @@ def test_png_embeds_the_current_source(source: Path):
 
 def test_architecture_shows_the_storage_paths():
     text = (DIAGRAM_DIR / "architecture.puml").read_text(encoding="utf-8")
-    wanted = [f.env for f in FIELDS if f.kind == "path"] + [
+    wanted = [f.env for f in FIELDS if f.path] + [
         "merged-model.versions/", ".merged-model.lock", ".lora-adapter.lock", "COMPLETE.json", "run.json"]
     assert [w for w in wanted if w not in text] == []
 

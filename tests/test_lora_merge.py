@@ -1,4 +1,5 @@
-"""The streaming LoRA merge against the real thing: PEFT's merge_and_unload on the same base.
+"""The streaming LoRA merge against the real thing: PEFT's merge_and_unload on the same base, and the
+trained function itself (PEFT's unmerged forward pass) where merge_and_unload is known to differ from it.
 
 Every model, tokenizer and adapter is generated here (tests/merge_helpers.py); nothing is mocked.
 """
@@ -24,6 +25,7 @@ from merge_helpers import (
     max_ulp,
     model_config,
     peft_merged,
+    peft_unmerged,
     read_json,
     read_weights,
 )
@@ -73,10 +75,6 @@ CASES = {
     # Trained on LlamaModel (no head): keys say `layers.0...` where the base says `model.layers.0...`.
     "llama-bf16-adapter-from-bare-model": ("llama-bare", torch.bfloat16, {"target_modules": ["up_proj"]},
                                            ("up_proj.weight",)),
-    # Tied embeddings (Qwen2.5 and Llama 3.2 small models): the base stores no lm_head at all.
-    "qwen2-fp32-tied-embeddings-embedding-lora": ("qwen2-tied", torch.float32,
-                                                  {"target_modules": ["q_proj", "embed_tokens"]},
-                                                  ("q_proj.weight", "embed_tokens.weight")),
 }
 
 
@@ -110,14 +108,90 @@ def test_merge_is_bit_identical_to_peft(tmp_path: Path, case: str) -> None:
     assert result.tensors_merged == len(changed)
 
 
-def test_merged_directory_serves_like_peft(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# Tied embeddings (Qwen2.5 0.5-3B, Llama 3.2): the base stores no lm_head. An adapter that changes the input
+# embedding or the head makes the trained model compute them apart; merge_and_unload keeps the tie (and so
+# changes both), which is not the trained model.
+TIED = {
+    "embedding-lora": ({"target_modules": ["q_proj", "embed_tokens"]}, "embed"),
+    "embedding-saved": ({"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}, "embed"),
+    "head-saved": ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "head"),
+    "head-lora": ({"target_modules": ["q_proj", "lm_head"]}, "head"),
+}
+
+
+@pytest.mark.parametrize("case", TIED)
+def test_tied_base_publishes_the_trained_function_untied(tmp_path: Path, case: str) -> None:
+    lora, changed = TIED[case]
+    base = make_base(tmp_path / "base", "qwen2", torch.float32, tie_word_embeddings=True)
+    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=8, lora_alpha=16, **lora)
+
+    result = merged(base, adapter, tmp_path / "out")
+
+    ours, original = read_weights(tmp_path / "out"), read_weights(base)
+    assert "lm_head.weight" not in original and set(ours) == {*original, "lm_head.weight"}
+    assert result.untied and read_json(tmp_path / "out" / "config.json")["tie_word_embeddings"] is False
+    embed = "model.embed_tokens.weight"
+    kept = "lm_head.weight" if changed == "embed" else embed
+    assert torch.equal(ours[kept], original[embed]), "the side the adapter left alone keeps the base's values"
+    assert not torch.equal(ours["lm_head.weight"], ours[embed])
+    if INDEX in {p.name for p in base.iterdir()}:
+        index = read_json(tmp_path / "out" / INDEX)
+        assert index["weight_map"]["lm_head.weight"] == index["weight_map"][embed]
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+
+    from transformers import AutoModelForCausalLM
+
+    peft_merged(base, adapter, torch.float32).save_pretrained(tmp_path / "peft")  # what PEFT would publish
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60, 2]])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        trained = peft_unmerged(base, adapter, torch.float32)(ids).logits
+        tied = AutoModelForCausalLM.from_pretrained(tmp_path / "peft")(ids).logits
+    torch.testing.assert_close(logits, trained, rtol=1e-5, atol=1e-5)
+    assert (logits.argmax(-1) == trained.argmax(-1)).all()
+    assert not torch.allclose(tied, trained, atol=1e-3), "PEFT's published, still tied, model is not the trained one"
+
+
+def test_tied_base_of_a_type_vllm_always_ties_is_refused(tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(model_config("gpt2")).save_pretrained(base)  # ties lm_head to transformer.wte
+    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=4, target_modules=["c_attn"],
+                           modules_to_save=["wte"])
+    message = refused(base, adapter, tmp_path / "out")
+    assert "ties its output layer to its input embedding" in message and "'gpt2'" in message
+
+
+def test_lora_bias_is_merged_as_the_trained_forward_pass_scales_it(tmp_path: Path) -> None:
+    """PEFT 0.15.2's merge_and_unload adds lora_B.bias unscaled (peft issue 2486); at scale 4 the trained
+    model and that merge disagree, ours agrees with the trained model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = make_base(tmp_path / "base", "qwen2", torch.float32)
+    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=4, lora_alpha=16,
+                           target_modules=["q_proj", "v_proj"], lora_bias=True)
+    merged(base, adapter, tmp_path / "out")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60, 2]])
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+        trained = peft_unmerged(base, adapter, torch.float32)(ids).logits
+        peft_0_15 = PeftModel.from_pretrained(load_model(base, torch.float32), adapter).merge_and_unload()(ids).logits
+    torch.testing.assert_close(ours, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(peft_0_15, trained, atol=1e-3), "the comparison can tell the two apart"
+
+
+def test_merged_directory_serves_like_peft_with_the_tokenizer_training_saved(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     base = make_base(tmp_path / "base", "qwen2", torch.bfloat16)
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": False}))
     adapter = make_adapter(base, tmp_path / "adapter", torch.bfloat16, r=8, lora_alpha=16,
                            target_modules="all-linear")
-    # LLaMA-Factory saves the (template-adjusted) tokenizer beside the adapter; a different EOS there
-    # must not reach the merged model, or vLLM stops at the wrong token.
+    # LLaMA-Factory's templates replace the EOS (llama3, qwen, ...) and training saves that tokenizer beside
+    # the adapter: the published model must stop where the trained one does (llamafactory-cli export
+    # publishes this tokenizer too).
     make_tokenizer(adapter, eos_token="<|eot|>")
     progress: list[MergeProgress] = []
 
@@ -136,14 +210,17 @@ def test_merged_directory_serves_like_peft(tmp_path: Path) -> None:
     assert index["weight_map"] == base_index["weight_map"]
     weights = read_weights(out)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
-    # Every non-weight file of the base, byte for byte; nothing from the adapter directory.
-    others = sorted(p.name for p in base.iterdir() if not p.name.endswith(".safetensors") and p.name != INDEX)
-    assert set(result.copied_files) == set(others)
-    assert {"config.json", "generation_config.json", "tokenizer.json", "special_tokens_map.json"} <= {*others}
-    for name in others:
-        assert (out / name).read_bytes() == (base / name).read_bytes(), name
-    eos = AutoTokenizer.from_pretrained(out).eos_token
-    assert eos == AutoTokenizer.from_pretrained(base).eos_token == "</s>"
+    # The base's config; the tokenizer training saved; a generation config that stops at the trained EOS too.
+    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (adapter / "tokenizer.json").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|eot|>" and AutoTokenizer.from_pretrained(base).eos_token == "</s>"
+    assert tokenizer.padding_side == "left"
+    eot = tokenizer.convert_tokens_to_ids("<|eot|>")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [eot, 2]
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"} <= set(result.copied_files)
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(result.copied_files)
     assert result.output_bytes == sum(p.stat().st_size for p in out.iterdir())
 
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
@@ -257,14 +334,6 @@ def test_unused_adapter_tensors_are_named(tmp_path: Path, good: tuple[Path, Path
     assert ("adapter tensor base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight has no matching "
             "base tensor model.layers.7.self_attn.q_proj.weight") in message
     assert "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector is not a LoRA weight" in message
-
-
-def test_trained_head_on_a_tied_base_is_refused(tmp_path: Path) -> None:
-    base = make_base(tmp_path / "base", "qwen2", torch.float32, tie_word_embeddings=True)
-    adapter = make_adapter(base, tmp_path / "adapter", torch.float32, r=4, target_modules=["q_proj"],
-                           modules_to_save=["lm_head"])
-    message = refused(base, adapter, tmp_path / "out")
-    assert "no matching base tensor lm_head.weight: the base ties its output embeddings" in message
 
 
 def test_square_tensor_of_unknown_orientation_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""End to end: train (P1) -> merge -> the published model answers what it was trained to answer; atomic
+"""End to end: train -> merge -> the published model answers what it was trained to answer; atomic
 publishing under kill -9; versions and retention; bad input leaves the published model untouched."""
 
 from __future__ import annotations
@@ -87,14 +87,20 @@ def test_merged_model_answers_like_training_and_rerun_skips(trained: Storage, ml
 
     base_weights = (trained.base / "model.safetensors").stat().st_size
     assert (version / "model.safetensors").stat().st_size == base_weights, "dtype or size changed"
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        assert (version / name).read_bytes() == (trained.base / name).read_bytes(), name
+    assert (version / "config.json").read_bytes() == (trained.base / "config.json").read_bytes()
+    # The tokenizer training saved beside the adapter (what llamafactory-cli export publishes too), and a
+    # generation config that stops where the llama3 template does.
+    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+        assert (version / name).read_bytes() == (trained.output / name).read_bytes(), name
+    assert json.loads((version / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    assert json.loads((version / "generation_config.json").read_text())["eos_token_id"] == json.loads(
+        (trained.base / "generation_config.json").read_text())["eos_token_id"]
+    assert not (version / "adapter_model.safetensors").exists() and not (version / "trainer_log.jsonl").exists()
 
     marker = json.loads((trained.output / ".job" / "COMPLETE.json").read_text())
     run = mlflow_server.client().get_run(marker["mlflow_run_id"])
     assert run.data.tags["merged_model_version"] == version.name
-    assert run.data.metrics["merged_model_bytes"] > 0 and run.data.metrics["merge_peak_rss_mb"] > 0
+    assert run.data.metrics["merged_model_bytes"] > 0 and run.data.metrics["merge_peak_rss_mib"] > 0
     versions = mlflow_server.client().search_model_versions("name='tiny-demo'")
     assert len(versions) == 1 and versions[0].tags["storage_path"] == str(version)
 
@@ -124,7 +130,7 @@ def test_each_new_training_publishes_a_version_and_old_ones_are_pruned(merged: S
 def test_a_plain_directory_from_the_older_layout_is_migrated_not_deleted(trained: Storage):
     legacy = merged_path(trained)
     legacy.mkdir(parents=True)
-    (legacy / "config.json").write_text('{"model_type": "llama", "note": "written in place by the seed"}')
+    (legacy / "config.json").write_text('{"model_type": "llama", "note": "written in place by the original design"}')
     result = run_entrypoint("merge", trained.env())
     assert result.returncode == 0, result.stderr[-2000:]
     kept = list((trained.root / "models" / "merged-model.versions").glob("v0000-legacy-*"))
@@ -199,6 +205,19 @@ def _outside_link(storage: Storage) -> dict[str, str]:
     return {}
 
 
+def _retrained_base(storage: Storage) -> dict[str, str]:
+    """The base's weights replaced after training (same shapes, other values): the adapter no longer fits."""
+    changed = Path(shutil.copytree(storage.base, storage.root / "models" / "changed-base"))
+    make_tiny_model(storage.root / "models" / "new-weights", seed=5)
+    shutil.copy(storage.root / "models" / "new-weights" / "model.safetensors", changed / "model.safetensors")
+    return {"BASE_MODEL_PATH": str(changed)}
+
+
+def _no_marker(storage: Storage) -> dict[str, str]:
+    shutil.rmtree(storage.output / ".job")  # an adapter copied in from elsewhere
+    return {}
+
+
 def _no_adapter(storage: Storage) -> dict[str, str]:
     shutil.rmtree(storage.output)
     return {}
@@ -210,12 +229,17 @@ def _unfinished_adapter(storage: Storage) -> dict[str, str]:
 
 
 BAD = [
-    ("missing-adapter", _no_adapter, ExitCode.CONFIG, "does not exist: train first"),
+    ("missing-adapter", _no_adapter, ExitCode.CONFIG, "does not exist. Train first"),
     ("unfinished-adapter-after-wait", _unfinished_adapter, ExitCode.TEMPORARY,
-     "has no completion marker (training is unfinished) after waiting 1s"),
-    ("adapter-for-another-base", _other_base, ExitCode.CONFIG, "has shape"),
+     "has no completion marker: its training started but has not finished, after waiting 1s"),
+    ("adapter-without-marker", _no_marker, ExitCode.CONFIG,
+     "has no completion marker of this tool (an adapter trained elsewhere?); to merge it as it is, set "
+     "MERGE_UNMARKED_ADAPTER=true"),
+    ("adapter-for-another-base", _other_base, ExitCode.CONFIG, "is not the base the adapter was trained on"),
+    ("base-weights-changed-since-training", _retrained_base, ExitCode.CONFIG,
+     "is not the base the adapter was trained on: model.safetensors differs from the files recorded at training"),
     ("truncated-shard", _truncated_base, ExitCode.CONFIG, "model.safetensors"),
-    ("quantized-base", _quantized_base, ExitCode.CONFIG, "the base model is quantized"),
+    ("quantized-base", _quantized_base, ExitCode.CONFIG, "config.json differs from the files recorded at training"),
     ("symlink-outside-storage", _outside_link, ExitCode.CONFIG, "not published by this tool"),
 ]
 
@@ -246,6 +270,28 @@ def test_no_space_is_refused_before_writing(trained: Storage, tmp_path: Path):
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_an_unmarked_adapter_merges_when_asked(merged: Storage):
+    shutil.rmtree(merged.output / ".job")
+    result = run_entrypoint("merge", merged.env(MERGE_UNMARKED_ADAPTER="true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "without a completion marker (MERGE_UNMARKED_ADAPTER=true)" in result.stderr
+    assert merged_path(merged).resolve().name.startswith("v0002-")
+    assert generate_answer(merged_path(merged), DEMO_PROMPT) == DEMO_ANSWER
+
+
+def test_an_adapter_changed_in_place_publishes_anew(merged: Storage):
+    """Same size, same configuration, other values (an adapter copied over the old one): a new version."""
+    from safetensors.torch import load_file, save_file
+
+    weights = merged.output / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({name: tensor * 0.5 for name, tensor in tensors.items()}, weights, metadata={"format": "pt"})
+    before = merged_path(merged).resolve().name
+    result = run_entrypoint("merge", merged.env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert before.startswith("v0001-") and merged_path(merged).resolve().name.startswith("v0002-")
+
+
 def test_vllm_lora_prints_how_to_serve_the_adapter(trained: Storage):
     result = run_entrypoint("vllm-lora", trained.env(SERVED_MODEL_NAME="tiny-lora"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -265,3 +311,23 @@ def test_full_fine_tuning_output_is_published_as_is(storage: Storage):
     assert (published / "model.safetensors").read_bytes() == (storage.output / "model.safetensors").read_bytes()
     assert (published / "model.safetensors").read_bytes() != (storage.base / "model.safetensors").read_bytes()
     assert "0 tensors merged" in result.stderr
+
+
+def test_a_waiting_merge_stops_when_training_failed_for_good(storage: Storage):
+    """The merge Job starts with training and waits for its marker; a training that no retry can fix (exit 78)
+    ends that wait within seconds instead of ADAPTER_WAIT_SECONDS, and a fixed training clears the record."""
+    storage.output.parent.mkdir(parents=True)
+    failed = run_entrypoint("train", storage.env(TEMPLATE="llama4000", JOB_NAME="llama-train-x"))
+    assert failed.returncode == ExitCode.CONFIG and not storage.output.exists()
+
+    started = time.monotonic()
+    merge = run_entrypoint("merge", storage.env(ADAPTER_WAIT_SECONDS="600"))
+    assert merge.returncode == ExitCode.CONFIG, merge.stderr[-2000:]
+    assert time.monotonic() - started < 60
+    assert "failed for good (exit 78, Job llama-train-x: TEMPLATE='llama4000' is not a LLaMA-Factory" in merge.stderr
+    assert not merged_path(storage).exists()
+
+    fixed = run_entrypoint("train", storage.env(**QUICK))
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    merge = run_entrypoint("merge", storage.env(ADAPTER_WAIT_SECONDS="600"))
+    assert merge.returncode == 0, merge.stderr[-2000:]

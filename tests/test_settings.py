@@ -1,4 +1,4 @@
-"""The typed settings: the seed's names and defaults, validation messages, secrets kept out."""
+"""The typed settings: the original design's names and defaults, validation messages, secrets kept out."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from entrypoint.settings import (
     reference_markdown,
 )
 
-# The seed's ConfigMap (REFERENCE.md): users' values must carry over unchanged.
-SEED_CONFIGMAP = {
+# The original design's ConfigMap: users' values must carry over unchanged.
+ORIGINAL_CONFIGMAP = {
     "BASE_MODEL_PATH": "/storage/models/base-model",
     "LORA_OUTPUT_PATH": "/storage/output/lora-adapter",
     "MERGED_MODEL_PATH": "/storage/models/merged-model",
@@ -34,15 +34,15 @@ SEED_CONFIGMAP = {
 }
 
 
-def test_seed_keys_and_defaults_are_kept():
+def test_original_keys_and_defaults_are_kept():
     cm = default_configmap()
-    for key, value in SEED_CONFIGMAP.items():
+    for key, value in ORIGINAL_CONFIGMAP.items():
         assert cm[key] == value, key
     assert "SERVED_MODEL_NAME" in cm and "DATASET" in cm and cm["DATASET"] == "train_data"
 
 
-def test_seed_values_parse_to_the_right_types():
-    s = load_settings({**SEED_CONFIGMAP, "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+def test_original_values_parse_to_the_right_types():
+    s = load_settings({**ORIGINAL_CONFIGMAP, "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert s.lora_rank == 8 and s.learning_rate == 1.0e-4 and s.num_epochs == 3.0
     assert s.dataset == ("train_data",) and s.lora_target == ("all",) and s.replace_output is False
 
@@ -170,3 +170,16 @@ def test_kubeflow_names_are_declared_with_the_field_they_set():
         "PET_NNODES": "NNODES", "PET_NODE_RANK": "NODE_RANK", "PET_MASTER_ADDR": "MASTER_ADDR",
         "PET_MASTER_PORT": "MASTER_PORT"}
     assert "PET_NNODES" in reference_markdown(), "the reference tells users which Kubeflow name stands in"
+
+
+def test_every_llamafactory_key_is_an_argument_llamafactory_knows():
+    """A setting's lf_key is handed to LLaMA-Factory's own parser: a misspelt key would fail every Job at start."""
+    import dataclasses
+
+    from llamafactory.hparams import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+
+    known = {f.name for cls in (DataArguments, FinetuningArguments, ModelArguments, TrainingArguments)
+             for f in dataclasses.fields(cls)}
+    keys = {f.lf_key for f in FIELDS if f.lf_key}
+    assert keys - known - {"precision"} == set(), "precision is resolved to bf16/fp16 by the worker"
+    assert "neftune_noise_alpha" in keys

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kustomize_helpers import OVERLAYS, copy_tree, parse, render
+
+from k8s_tasks.overlays import copy_tree, parse, render_envs
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +18,7 @@ def manifest_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def renders(manifest_tree: Path) -> dict[str, str]:
-    return {overlay: render(manifest_tree / "overlays" / overlay) for overlay in OVERLAYS}
+    return render_envs(manifest_tree)
 
 
 @pytest.fixture(scope="session")

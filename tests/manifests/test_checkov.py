@@ -9,11 +9,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, checkov, copy_tree, kubectl, pod_specs
+from kustomize_helpers import pod_specs
+
+from k8s_tasks.overlays import ENVS, copy_tree
+from k8s_tasks.tools import require_tool
 
 # The only checks skipped, and where; each reason is in the skip annotation itself (base/*.yaml).
 ALLOWED_SKIPS = {
-    # Secrets as env vars: the MLflow client reads its URI and credentials from the environment only.
+    # Secrets as env vars: MLflow reads MLFLOW_TRACKING_URI and _TOKEN from the environment only, and the
+    # Jobs' start-up check reads _USERNAME and _PASSWORD from it too (test_mlflow_reads_... below).
     "CKV_K8S_35": {"base", "gpu", "prod", "dev", "multinode"},
     # Image digest: the gpu, dev and multinode overlays deploy release tags; prod pins a digest.
     "CKV_K8S_43": {"base", "gpu", "dev", "multinode"},
@@ -27,9 +31,9 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = dict(os.environ)
     # checkov renders each kustomization with kustomize or kubectl from PATH, and silently skips the
     # framework when neither is there: put the kubectl the other tests use first on its PATH.
-    env["PATH"] = f"{Path(kubectl()).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(require_tool('kubectl')).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
-        [checkov(), "-d", str(tree), "--framework", "kustomize", "--skip-download", "--output", "json"],
+        [require_tool("checkov"), "-d", str(tree), "--framework", "kustomize", "--skip-download", "--output", "json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -54,7 +58,7 @@ def _where(resource: str) -> str:
 def test_checkov_scanned_every_overlay_and_the_base(checkov_report: dict) -> None:
     results = checkov_report["results"]
     scanned = {_where(c["resource"]) for kind in ("passed_checks", "skipped_checks") for c in results[kind]}
-    assert {"base", *OVERLAYS} <= scanned
+    assert {"base", *ENVS} <= scanned
     assert checkov_report["summary"]["parsing_errors"] == 0
 
 
@@ -78,7 +82,7 @@ def test_checkov_skips_are_the_reviewed_ones(checkov_report: dict) -> None:
         assert len(reason) > 40, f"{check['check_id']} skipped without a reason a reviewer can judge"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_skip_annotations_name_a_check_and_a_reason(overlay: str, docs: dict) -> None:
     found = 0
     for doc in docs[overlay]:
@@ -87,3 +91,22 @@ def test_skip_annotations_name_a_check_and_a_reason(overlay: str, docs: dict) ->
                 assert re.fullmatch(r"CKV2?_K8S_\d+=.{40,}", value, re.DOTALL), f"{key}: {value}"
                 found += 1
     assert found == len(list(pod_specs(docs[overlay]))) * (1 if overlay == "prod" else 2)
+
+
+def test_mlflow_reads_the_token_only_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the CKV_K8S_35 skip reasons say, checked against the installed MLflow client: of the Secret's keys,
+    only USERNAME and PASSWORD have a file form (~/.mlflow/credentials); a token there is ignored."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = user\nmlflow_tracking_password = secret\n"
+        "mlflow_tracking_token = token\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    creds = get_default_host_creds("http://mlflow.example:5000")
+    assert (creds.username, creds.password, creds.token) == ("user", "secret", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "from-env")
+    assert get_default_host_creds("http://mlflow.example:5000").token == "from-env"

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kustomize_helpers import OVERLAYS, REPO, UPDATE, llm_config_env_text, one, parse, render
 
-from entrypoint.settings import FIELDS, default_configmap, load_settings
+from entrypoint.settings import FIELDS, configmap_env_text, default_configmap, load_settings
+from k8s_tasks import generate
+from k8s_tasks.overlays import ENVS, one, parse, render
+from k8s_tasks.tools import REPO
 
-ENV_FILE = REPO / "base" / "llm-config.env"
+ENV_FILE = REPO / generate.ENV_FILE
 
 
 def _llm_config(docs: list[dict]) -> dict:
@@ -21,12 +23,8 @@ def _llm_config(docs: list[dict]) -> dict:
 
 
 def test_env_file_is_generated_from_the_settings_table() -> None:
-    expected = llm_config_env_text()
-    if UPDATE:
-        ENV_FILE.write_text(expected)
-    assert ENV_FILE.read_text() == expected, (
-        "base/llm-config.env differs from entrypoint/settings.py FIELDS: run "
-        "`UPDATE_EXPECTED=1 pytest tests/manifests` and review the diff"
+    assert ENV_FILE.read_text() == configmap_env_text(), (
+        f"base/llm-config.env differs from entrypoint/settings.py FIELDS: run `{generate.COMMAND}` and review the diff"
     )
 
 
@@ -54,7 +52,7 @@ def test_configmap_has_no_secret_and_no_pod_identity() -> None:
     assert not kept_out & set(default_configmap())
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_overlay_changes_only_what_its_kustomization_lists(overlay: str, docs: dict) -> None:
     data = _llm_config(docs[overlay])["data"]
     assert set(data) == set(default_configmap()), "an overlay may change values, never add or drop keys"
@@ -68,7 +66,7 @@ def test_overlay_changes_only_what_its_kustomization_lists(overlay: str, docs: d
     assert changed == literals
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_overlay_config_passes_the_entrypoint_validation(overlay: str, docs: dict) -> None:
     """What the pods get (ConfigMap + Secret) is accepted by the entrypoint: no Job fails with exit 78."""
     env = dict(_llm_config(docs[overlay])["data"])

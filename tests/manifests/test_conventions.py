@@ -1,4 +1,4 @@
-"""House style of the kustomize tree (docs: STYLE.md, "Kustomize"), checked on every kustomization.yaml."""
+"""House style of the kustomize tree, checked on every kustomization.yaml."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kustomize_helpers import KUSTOMIZE_DIRS, OVERLAYS, REPO
+
+from k8s_tasks.overlays import ENVS, KUSTOMIZE_DIRS
+from k8s_tasks.tools import REPO
 
 KUSTOMIZATIONS = sorted(p for d in KUSTOMIZE_DIRS for p in (REPO / d).rglob("kustomization.yaml"))
 CURRENT_FIELDS = {
@@ -27,7 +29,7 @@ CURRENT_FIELDS = {
 }
 # The untracked secret file a secretGenerator reads (absent in a fresh clone), and its committed example.
 SECRET_FILES = {"mlflow.env.example", "mlflow.env"}
-IMAGE = "eu.gcr.io/PROJECT_ID/llama-factory-train"
+IMAGE = "REGION-docker.pkg.dev/PROJECT/REPOSITORY/llama-factory-train"
 
 
 def _load(path: Path) -> dict:
@@ -48,7 +50,7 @@ def test_every_kustomization_is_found() -> None:
     names = {str(p.parent.relative_to(REPO)) for p in KUSTOMIZATIONS}
     assert {"base", "components/gpu", "components/job-identity", "components/filestore",
             "components/multinode"} <= names
-    assert {f"overlays/{o}" for o in OVERLAYS} <= names
+    assert {f"overlays/{o}" for o in ENVS} <= names
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.parent.relative_to(REPO)))
@@ -107,7 +109,7 @@ def test_image_is_set_only_by_each_overlays_images_entry() -> None:
         assert "image:" not in patch.read_text(), f"{patch}: images are set through `images:` only"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_secret_env_file_is_untracked_and_has_an_example(overlay: str) -> None:
     directory = REPO / "overlays" / overlay
     generators = _load(directory / "kustomization.yaml")["secretGenerator"]

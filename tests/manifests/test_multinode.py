@@ -10,12 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, env_of, find, kubectl, one, parse, render, uses_component
+from kustomize_helpers import env_of, uses_component
 
 from entrypoint.errors import ConfigError
 from entrypoint.settings import check_topology, load_settings
+from k8s_tasks.overlays import ENVS, find, one, parse, render
+from k8s_tasks.tools import require_tool
 
-MULTINODE = [o for o in OVERLAYS if uses_component(o, "multinode")]
+MULTINODE = [o for o in ENVS if uses_component(o, "multinode")]
 TRAIN_LABELS = {"app.kubernetes.io/name": "llama-factory", "app.kubernetes.io/component": "train"}
 GPU = "nvidia.com/gpu"
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -83,7 +85,7 @@ def test_nnodes_is_the_number_of_pods_and_all_run_at_once(overlay: str, docs: di
 def test_every_pod_finds_node_zero_through_the_headless_service(overlay: str, docs: dict) -> None:
     job = _job(docs[overlay])
     pod = job["spec"]["template"]
-    service = one(docs[overlay], "Service", "train")
+    service = _named(docs[overlay], "Service", "llama-train-nodes")
     name = service["metadata"]["name"]
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert "ports" not in service["spec"], "DNS only: the pods connect to each other directly"
@@ -170,7 +172,8 @@ def test_the_component_makes_another_overlay_multinode(manifest_tree: Path, tmp_
     docs = parse(render(variant / "overlays" / "gpu"))
     job = _job(docs)
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
-    assert job["spec"]["template"]["spec"]["subdomain"] == one(docs, "Service", "train")["metadata"]["name"]
+    service = _named(docs, "Service", "llama-train-nodes")
+    assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
     assert load_settings(pod_env(docs, 2)).master_addr == f"{job['metadata']['name']}-0.llama-train-nodes"
     assert "allow-train-nodes" in {p["metadata"]["name"] for p in find(docs, "NetworkPolicy")}
 
@@ -183,7 +186,7 @@ def test_the_component_without_nnodes_does_not_render(manifest_tree: Path, tmp_p
     text = kustomization.read_text()
     kustomization.write_text(
         text.replace("  - ../../components/gpu\n", "  - ../../components/gpu\n  - ../../components/multinode\n"))
-    result = subprocess.run([kubectl(), "kustomize", str(variant / "overlays" / "gpu")], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run([require_tool("kubectl"), "kustomize", str(variant / "overlays" / "gpu")],
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert re.search(r"cannot decode .*null.* as a !!int", result.stderr), result.stderr

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kustomize_helpers import EXPECTED_DIR, K8S_MINORS, OVERLAYS, REPO, UPDATE, one, render
+
+from k8s_tasks.generate import COMMAND, EXPECTED_DIR
+from k8s_tasks.overlays import ENVS, one, render
+from k8s_tasks.tools import REPO
+from k8s_tasks.validate import K8S_MINORS
 
 KUBERNETES_VALIDATE = [sys.executable, "-m", "kubernetes_validate"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_render_matches_reviewed_expected_render(overlay: str, renders: dict[str, str]) -> None:
-    expected = EXPECTED_DIR / f"{overlay}.yaml"
-    if UPDATE:
-        EXPECTED_DIR.mkdir(exist_ok=True)
-        expected.write_text(renders[overlay])
-    assert expected.is_file(), f"{expected} missing: run `UPDATE_EXPECTED=1 pytest tests/manifests`, review"
+    expected = REPO / EXPECTED_DIR / f"{overlay}.yaml"
+    assert expected.is_file(), f"{expected} missing: run `{COMMAND}` and review it"
     diff = "".join(
         difflib.unified_diff(
             expected.read_text().splitlines(keepends=True),
@@ -31,12 +32,12 @@ def test_render_matches_reviewed_expected_render(overlay: str, renders: dict[str
         )
     )
     assert not diff, (
-        "the render changed; if intended, run `UPDATE_EXPECTED=1 pytest tests/manifests` and review the diff "
+        f"the render changed; if intended, run `{COMMAND}` and review the diff "
         f"of {expected.relative_to(REPO)}:\n{diff}"
     )
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_rendering_twice_gives_the_same_objects(
     overlay: str, manifest_tree: Path, renders: dict[str, str]
 ) -> None:
@@ -44,7 +45,7 @@ def test_rendering_twice_gives_the_same_objects(
     assert render(manifest_tree / "overlays" / overlay) == renders[overlay]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_secret_comes_from_the_example_file_only(overlay: str, docs: dict) -> None:
     # Renders (and so the committed expected renders) are made from mlflow.env.example: no real value.
     secret = one(docs[overlay], "Secret")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-from kustomize_helpers import OVERLAYS, containers, env_of, find, one, pod_specs, uses_component
+from gke_sizing import gib
+from kustomize_helpers import containers, env_of, pod_specs, uses_component
 from pod_security import restricted_violations
 
+from k8s_tasks.overlays import ENVS, find, one
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+
+@pytest.mark.parametrize("overlay", ENVS)
 def test_every_pod_template_passes_pod_security_restricted(overlay: str, docs: dict) -> None:
     specs = list(pod_specs(docs[overlay]))
     assert {name.split("/")[0] for name, _ in specs} == {"Deployment", "Job"}
@@ -53,7 +56,7 @@ def test_checker_refuses_what_admission_refuses(breakage: str, docs: dict) -> No
     assert restricted_violations(spec), f"{breakage} was not detected"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_namespace_enforces_restricted(overlay: str, docs: dict) -> None:
     namespace = one(docs[overlay], "Namespace")
     assert namespace["metadata"]["name"] == "llm-training"
@@ -62,7 +65,7 @@ def test_namespace_enforces_restricted(overlay: str, docs: dict) -> None:
     assert {d["metadata"].get("namespace") for d in namespaced} == {"llm-training"}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_pods_run_as_unprivileged_user_on_read_only_root(overlay: str, docs: dict) -> None:
     assert one(docs[overlay], "ServiceAccount")["automountServiceAccountToken"] is False
     for name, spec in pod_specs(docs[overlay]):
@@ -85,18 +88,23 @@ def test_pods_run_as_unprivileged_user_on_read_only_root(overlay: str, docs: dic
                 assert env[var] == "1", f"{name}: {var}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, docs: dict) -> None:
     for name, spec in pod_specs(docs[overlay]):
         for c in containers(spec):
             resources = c["resources"]
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources[kind]), f"{name}/{c['name']} {kind}"
+            if name.startswith("Job/llama-merge-"):
+                # The merge requests what it holds while it waits, and bursts to its limit once it merges
+                # (test_sizing.py); an eviction above its request is retried without counting.
+                assert gib(resources["requests"]["memory"]) < gib(resources["limits"]["memory"]), name
+                continue
             # Memory request == limit: the kernel never kills a training pod for memory it was promised.
             assert resources["requests"]["memory"] == resources["limits"]["memory"], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_nothing_is_exposed_outside_the_cluster(overlay: str, docs: dict) -> None:
     kinds = {d["kind"] for d in docs[overlay]}
     assert not kinds & {"Ingress", "Gateway", "HTTPRoute", "Route"}
@@ -110,7 +118,7 @@ def test_nothing_is_exposed_outside_the_cluster(overlay: str, docs: dict) -> Non
             assert "GRADIO_SHARE" not in env_of(c), name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay: str, docs: dict) -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in find(docs[overlay], "NetworkPolicy")}
     deny = policies.pop("default-deny")
@@ -134,12 +142,9 @@ def test_network_policies_deny_by_default_and_allow_only_what_is_needed(overlay:
         assert nodes["ingress"] == [{"from": [{"podSelector": {"matchLabels": train}}]}]
         assert nodes["egress"] == [{"to": [{"podSelector": {"matchLabels": train}}]}]
 
-    egress_ports = set()
+    # The egress rules (DNS, MLflow) are checked by where they let the pods connect: test_network_policies.py.
+    assert sorted(policies) == ["allow-egress-dns", "allow-egress-mlflow"]
     for name, spec in policies.items():
-        assert spec["policyTypes"] == ["Egress"], name
-        assert "ingress" not in spec, name
+        assert spec["policyTypes"] == ["Egress"] and "ingress" not in spec, name
         for rule in spec["egress"]:
             assert rule["ports"], f"{name}: an egress rule without ports allows everything"
-            egress_ports |= {p["port"] for p in rule["ports"]}
-    assert {53, 2049} <= egress_ports
-    assert egress_ports & {5000, 443, 80}, "no egress to MLflow"

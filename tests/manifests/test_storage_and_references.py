@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import pytest
-from kustomize_helpers import OVERLAYS, containers, find, one, parse, pod_specs, render
+from kustomize_helpers import containers, pod_specs
 from pod_security import restricted_violations
+
+from k8s_tasks.overlays import ENVS, find, one, parse, render
 
 
 def _gi(quantity: str) -> float:
@@ -15,7 +16,7 @@ def _gi(quantity: str) -> float:
     return float(quantity[:-2]) * units[quantity[-2:]]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_storage_is_a_200gi_read_write_many_claim_on_nfs(overlay: str, docs: dict) -> None:
     claim = one(docs[overlay], "PersistentVolumeClaim")
     assert claim["metadata"]["name"] == "llama-storage"
@@ -39,21 +40,7 @@ def test_storage_is_a_200gi_read_write_many_claim_on_nfs(overlay: str, docs: dic
             assert [m["mountPath"] for m in c["volumeMounts"] if m["name"] in claims] == ["/storage"], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_nfs_egress_covers_the_nfs_server(overlay: str, docs: dict) -> None:
-    server = ipaddress.ip_address(one(docs[overlay], "PersistentVolume")["spec"]["nfs"]["server"])
-    policy = next(
-        p for p in find(docs[overlay], "NetworkPolicy") if p["metadata"]["name"] == "allow-egress-nfs"
-    )
-    cidrs = [
-        ipaddress.ip_network(peer["ipBlock"]["cidr"])
-        for rule in policy["spec"]["egress"]
-        for peer in rule["to"]
-    ]
-    assert any(server in cidr for cidr in cidrs)
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_every_reference_resolves(overlay: str, docs: dict) -> None:
     objects = {(d["kind"], d["metadata"]["name"]): d for d in docs[overlay]}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
-from kustomize_helpers import OVERLAYS, containers, env_of, find, one
+from kustomize_helpers import containers, env_of
 
 from entrypoint.errors import ExitCode
+from k8s_tasks.image import PLACEHOLDER, placeholder_problem
+from k8s_tasks.overlays import ENVS, find, one
+from k8s_tasks.validate import unpullable_images
 
 GPU = "nvidia.com/gpu"
 COMMANDS = {"train": "train", "merge": "merge", "webui": "webui"}
@@ -26,7 +27,7 @@ def _config(docs: list[dict]) -> dict:
     return next(d for d in docs if d["metadata"]["name"].startswith("llm-config-"))["data"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 @pytest.mark.parametrize("component", sorted(COMMANDS))
 def test_containers_run_the_entrypoint(overlay: str, component: str, docs: dict) -> None:
     pod = _pod(docs[overlay], component)
@@ -41,7 +42,7 @@ def test_containers_run_the_entrypoint(overlay: str, component: str, docs: dict)
     assert env_of(container)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_gpu_settings_only_on_training_and_webui(overlay: str, docs: dict) -> None:
     for component in ("train", "webui"):
         pod = _pod(docs[overlay], component)
@@ -77,7 +78,7 @@ def test_gpu_count_and_type_per_overlay(overlay: str, gpus: int, accelerator: st
     assert pod["nodeSelector"].get("cloud.google.com/gke-accelerator") == accelerator
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 @pytest.mark.parametrize("component", ["train", "merge"])
 def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     overlay: str, component: str, docs: dict
@@ -90,7 +91,8 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": component, "operator": "In", "values": [int(ExitCode.CONFIG)]},
+        "onExitCodes": {"containerName": component, "operator": "In",
+                        "values": [int(ExitCode.CONFIG), int(ExitCode.GPU_OUT_OF_MEMORY)]},
     }
     assert rules[1] == {
         "action": "Ignore",
@@ -110,7 +112,7 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     assert env["JOB_NAME"] == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_merge_waits_for_training_within_its_deadline(overlay: str, docs: dict) -> None:
     train = _workload(docs[overlay], "train")["spec"]
     merge = _workload(docs[overlay], "merge")["spec"]
@@ -120,12 +122,12 @@ def test_merge_waits_for_training_within_its_deadline(overlay: str, docs: dict) 
 
 
 def test_prod_runs_longer_than_gpu_and_dev(docs: dict) -> None:
-    deadline = {o: _workload(docs[o], "train")["spec"]["activeDeadlineSeconds"] for o in OVERLAYS}
+    deadline = {o: _workload(docs[o], "train")["spec"]["activeDeadlineSeconds"] for o in ENVS}
     assert deadline["prod"] > deadline["gpu"] > deadline["dev"]
     assert _config(docs["dev"])["LOG_LEVEL"] == "DEBUG"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ENVS)
 def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dict) -> None:
     deployment = _workload(docs[overlay], "webui")
     pod = deployment["spec"]["template"]["spec"]
@@ -139,7 +141,8 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
     assert _config(docs[overlay])["WEBUI_WORKDIR"].startswith("/storage/")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": "http"}, probe
-    assert deployment["spec"]["replicas"] == 1
+    # prod and multinode start it at 0 (test_sizing.py: it never takes a training GPU).
+    assert deployment["spec"]["replicas"] == (0 if overlay in ("prod", "multinode") else 1)
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
     service = one(docs[overlay], "Service", "webui")
@@ -151,19 +154,18 @@ def test_webui_serves_on_the_configured_port_with_probes(overlay: str, docs: dic
     assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_image_set_by_the_overlay(overlay: str, docs: dict) -> None:
+@pytest.mark.parametrize("overlay", ENVS)
+def test_one_image_set_by_the_overlay_and_it_is_a_placeholder(overlay: str, docs: dict) -> None:
+    """Every workload runs the one image the overlay's `images:` entry sets: Artifact Registry's layout with
+    REGION, PROJECT and REPOSITORY still to fill in, so a shipped overlay never reaches a cluster silently."""
     images = {c["image"] for _, c in _all_containers(docs[overlay])}
     assert len(images) == 1
     (image,) = images
-    assert image.startswith("eu.gcr.io/PROJECT_ID/llama-factory-train")
+    assert image.startswith(f"{PLACEHOLDER}@" if overlay == "prod" else f"{PLACEHOLDER}:")
     assert "set-by-overlay" not in image and not image.endswith(":latest")
-    if overlay == "prod":
-        assert re.fullmatch(r"eu\.gcr\.io/PROJECT_ID/llama-factory-train@sha256:[0-9a-f]{64}", image)
-    else:
-        assert re.fullmatch(r"eu\.gcr\.io/PROJECT_ID/llama-factory-train:[\w][\w.-]*", image)
-
-
+    assert "gcr.io" not in image, "Container Registry was shut down in 2025"
+    assert placeholder_problem(image) is not None
+    assert unpullable_images(docs[overlay]) == [placeholder_problem(image)]
 def _all_containers(docs: list[dict]):
     for kind in ("Job", "Deployment"):
         for workload in find(docs, kind):

@@ -45,7 +45,8 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], t
 
 @pytest.fixture
 def environ(tmp_path: Path) -> dict[str, str]:
-    """PROJECT_ID set, a kubeconfig with a current context, docker credentials for eu.gcr.io."""
+    """PROJECT_ID, REGION and REPOSITORY set, a kubeconfig with a current context, docker credentials for the
+    registry."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "gke_my-project_europe-west4_training",
@@ -56,8 +57,9 @@ def environ(tmp_path: Path) -> dict[str, str]:
     }))
     docker = tmp_path / "docker-config"
     docker.mkdir()
-    (docker / "config.json").write_text('{"auths": {"eu.gcr.io": {}}}')
+    (docker / "config.json").write_text('{"auths": {"europe-west4-docker.pkg.dev": {}}}')
     return {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PROJECT_ID": PROJECT,
+            "REGION": "europe-west4", "REPOSITORY": "training",
             "KUBECONFIG": str(kubeconfig), "DOCKER_CONFIG": str(docker)}
 
 

@@ -18,7 +18,7 @@ from kubernetes.client import ApiClient
 _API = ApiClient()
 _MODELS = {"Job": "V1Job", "Pod": "V1Pod", "Deployment": "V1Deployment", "ConfigMap": "V1ConfigMap",
            "Secret": "V1Secret", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
-           "ServiceAccount": "V1ServiceAccount"}
+           "ServiceAccount": "V1ServiceAccount", "Service": "V1Service"}
 
 
 class _Response:  # what ApiClient.deserialize reads

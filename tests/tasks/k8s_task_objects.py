@@ -10,7 +10,7 @@ from typing import Any
 from k8s_tasks.image import ImageRef
 from k8s_tasks.overlays import render_overlay
 
-REGISTRY = "eu.gcr.io/my-project/llama-factory-train"
+REGISTRY = "europe-west4-docker.pkg.dev/my-project/training/llama-factory-train"
 # What a deploy of each overlay ships: prod only by digest.
 DEPLOYED = {
     "dev": ImageRef(REGISTRY, tag="0123456789ab"),
@@ -19,7 +19,7 @@ DEPLOYED = {
     "multinode": ImageRef(REGISTRY, tag="0123456789ab"),
 }
 # Kinds the fake cluster answers for; deploy never applies Jobs.
-DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment")
+DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service")
 # Renders of identical trees (every test gets its own copy) are made once.
 _RENDERS: dict[tuple[str, ImageRef, str], list[dict[str, Any]]] = {}
 

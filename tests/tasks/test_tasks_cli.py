@@ -3,6 +3,7 @@ runs when a tool or a setting is missing."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
@@ -12,16 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
+from invoke import Context
 from invoke.exceptions import Exit
 from k8s_task_objects import DEPLOYED
 
+from k8s_tasks.cluster import current_context, kubeconfig_problem
 from k8s_tasks.deploy import plan_deploy
 from k8s_tasks.plan import run_plan
+from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ("bench", "build", "cleanup", "demo", "deploy", "logs", "merge", "push", "status", "test", "train", "ui",
-         "validate")
+TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "status", "test", "train",
+         "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
+REGISTRY_ENV = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "REPOSITORY": "training"}
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -50,7 +56,7 @@ def test_task_help_explains_every_option(task: str) -> None:
 
 
 def test_build_without_docker_stops_with_what_to_install(path_without: Callable[..., str]) -> None:
-    env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("docker")}
     result = invoke("build", "--tag=0123456789ab", env=env)
     assert result.returncode == 1
     assert "docker not found on PATH: install Docker" in result.stderr
@@ -58,12 +64,29 @@ def test_build_without_docker_stops_with_what_to_install(path_without: Callable[
 
 
 def test_build_dry_run_works_without_docker_and_names_what_is_missing(path_without: Callable[..., str]) -> None:
-    env = {**os.environ, "PROJECT_ID": "my-project", "PATH": path_without("docker")}
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("docker")}
     result = invoke("build", "--tag=0123456789ab", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert "$ docker build --platform linux/amd64 --file docker/Dockerfile --tag " \
-           "eu.gcr.io/my-project/llama-factory-train:0123456789ab" in result.stdout
+           "europe-west4-docker.pkg.dev/my-project/training/llama-factory-train:0123456789ab" in result.stdout
     assert "a real run would stop before its first step: docker not found on PATH" in result.stdout
+
+
+def test_buildah_build_dry_run_prints_the_buildah_command(path_without: Callable[..., str]) -> None:
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("buildah")}
+    result = invoke("build", "--tag=0123456789ab", "--builder=buildah", "--torch-variant=cpu", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "$ buildah bud --isolation chroot --format docker --platform linux/amd64 --file docker/Dockerfile --tag " \
+           "europe-west4-docker.pkg.dev/my-project/training/llama-factory-train:0123456789ab" in result.stdout
+    assert "--build-arg TORCH_VARIANT=cpu ." in result.stdout
+    assert "a real run would stop before its first step: buildah not found on PATH: install buildah" in result.stdout
+
+
+def test_build_with_an_unknown_builder_stops_before_anything_runs() -> None:
+    result = invoke("build", "--tag=0123456789ab", "--builder=kaniko", env={**os.environ, **REGISTRY_ENV})
+    assert result.returncode == 1
+    assert "--builder must be one of docker, buildah, not 'kaniko'" in result.stderr
+    assert "$ " not in result.stdout
 
 
 @pytest.mark.parametrize("task", [("build",), ("push",), ("deploy", "--env=dev", "--dry-run")])
@@ -71,12 +94,12 @@ def test_unset_project_id_stops_before_anything_runs(task: tuple[str, ...]) -> N
     env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ID", "REGION", "REPOSITORY")}
     result = invoke(*task, env=env)
     assert result.returncode == 1
-    assert "PROJECT_ID is not set: `export PROJECT_ID=<your GCP project>`" in result.stderr
+    assert "PROJECT_ID and REGION and REPOSITORY are not set: the image lives in Artifact Registry" in result.stderr
     assert "$ " not in result.stdout
 
 
 def test_deploy_needs_an_env() -> None:
-    result = invoke("deploy", env={**os.environ, "PROJECT_ID": "my-project"})
+    result = invoke("deploy", env={**os.environ, **REGISTRY_ENV})
     assert result.returncode == 1
     assert "--env must be one of dev, gpu, prod" in result.stderr
 
@@ -116,9 +139,62 @@ def test_gke_auth_plugin_missing_is_named(tree: Path, environ: dict[str, str],
                         "`gcloud components install gke-gcloud-auth-plugin`"]
 
 
+def test_several_kubeconfig_files_name_the_cluster_kubectl_uses(tree: Path, environ: dict[str, str],
+                                                                path_without: Callable[..., str]) -> None:
+    # gcloud writes a cluster's entries into one file; the current context may be set in another, and a later
+    # file may set one too: kubectl keeps the first, and so must the tasks (their kubectl commands use it).
+    first = tree / "kubeconfig-current"
+    first.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "gke_p_r_training"}))
+    second = tree / "kubeconfig-gke"
+    second.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind-local",
+        "contexts": [{"name": "gke_p_r_training", "context": {"cluster": "training", "user": "gke"}},
+                     {"name": "kind-local", "context": {"cluster": "training", "user": "gke"}}],
+        "clusters": [{"name": "training", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "gke", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                                    "command": "gke-gcloud-auth-plugin"}}}],
+    }))
+    both = {**environ, "KUBECONFIG": os.pathsep.join([str(first), str(second)])}
+    kubectl = subprocess.run([require_tool("kubectl"), "config", "current-context"], env=both, capture_output=True,
+                             text=True, timeout=60, check=True)
+    assert current_context(both) == kubectl.stdout.strip() == "gke_p_r_training"
+    assert kubeconfig_problem(tree, {**both, "PATH": path_without("gke-gcloud-auth-plugin")}) == (
+        "kube context gke_p_r_training logs in with gke-gcloud-auth-plugin not found on PATH: your kubeconfig "
+        "authenticates through it: `gcloud components install gke-gcloud-auth-plugin`")
+    problem = kubeconfig_problem(tree, {**both, "KUBECONFIG": str(first)})  # a context no file defines
+    assert problem.startswith(f"cannot load the kubeconfig ({first}): ")
+    assert "Expected object with name gke_p_r_training" in problem
+
+
+def test_the_install_provides_the_task_library(tmp_path: Path) -> None:
+    # `pip install -e .` (./dev.sh setup) or a wheel: k8s_tasks is importable outside the checkout too.
+    code = "import k8s_tasks.actions, entrypoint.errors; print(k8s_tasks.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "k8s_tasks"
+
+
 def test_the_task_side_imports_nothing_heavy() -> None:
     code = ("import sys, tasks, k8s_tasks.actions; "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_passes_arguments_its_action_takes(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A renamed or missing keyword would fail only when a user runs the task: call each with its defaults.
+    import tasks
+    from k8s_tasks import actions
+
+    bound: list[inspect.BoundArguments] = []
+    for name, function in vars(actions).items():
+        if inspect.isfunction(function) and function.__module__ == actions.__name__:
+            monkeypatch.setattr(actions, name, lambda *a, _f=function, **k: bound.append(
+                inspect.signature(_f).bind(*a, **k)))
+    body = getattr(tasks, task).body
+    required = [p for p in list(inspect.signature(body).parameters.values())[1:] if p.default is p.empty]
+    body(Context(), *["jobs" for _ in required])
+    assert len(bound) == 1

@@ -1,4 +1,4 @@
-"""What `deploy --component` applies, as the real kubectl selects it from the real render: the seed's
+"""What `deploy --component` applies, as the real kubectl selects it from the real render: the original design's
 all/base/webui split, never the Jobs.
 
 kubectl needs an API server's discovery to map kinds even for a client-side dry run; a FAKE discovery
@@ -20,6 +20,7 @@ import yaml
 from k8s_task_objects import DEPLOYED
 
 from k8s_tasks.deploy import plan_deploy
+from k8s_tasks.jobs import TEMPLATE_ANNOTATION
 from k8s_tasks.overlays import ENVS
 from k8s_tasks.plan import WriteFile
 from k8s_tasks.tools import require_tool
@@ -78,17 +79,20 @@ def kube_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     server.shutdown()
 
 
-def selected(tree: Path, env: str, component: str, kube_env: dict[str, str], environ: dict[str, str]) -> list[str]:
-    """kind/name of what deploy's `kubectl apply` would send: its own -k and -l, as a client dry run."""
-    plan = plan_deploy(env, component, DEPLOYED[env], root=tree, environ=environ)
+def selected(tree: Path, env: str, component: str | None, kube_env: dict[str, str], environ: dict[str, str],
+             ) -> list[str]:
+    """kind/name of what deploy's `kubectl apply` would send: its own -k and -l, as a client dry run; with
+    component None, everything the render holds (the same -k without -l)."""
+    plan = plan_deploy(env, component or "all", DEPLOYED[env], root=tree, environ=environ)
     for step in plan.steps:
         if isinstance(step, WriteFile):
             (tree / step.path).parent.mkdir(parents=True, exist_ok=True)
             (tree / step.path).write_text(step.content)
     apply = plan.commands()[0]
-    assert apply[:2] == ["kubectl", "apply"]
+    assert apply[:2] == ["kubectl", "apply"] and apply[4] == "-l"
+    arguments = apply[2:] if component else apply[2:4]
     result = subprocess.run([require_tool("kubectl"), "create", "--dry-run=client", "-o", "name", "--validate=false",
-                             *apply[2:]], cwd=tree, env=kube_env, capture_output=True, text=True, timeout=60,
+                             *arguments], cwd=tree, env=kube_env, capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0, result.stderr
     return sorted(result.stdout.split())
@@ -104,7 +108,27 @@ def test_components_split_the_overlay_and_never_apply_jobs(env: str, tree: Path,
     assert sorted(base + webui) == everything
     assert not any(name.startswith("job.batch/") for name in everything)
     kinds = {name.split("/")[0] for name in base}
+    # The multi-node overlay's headless Service (node 0's DNS name) is infrastructure the Jobs need: base.
     assert kinds == {"namespace", "serviceaccount", "configmap", "secret", "persistentvolume",
-                     "persistentvolumeclaim", "networkpolicy.networking.k8s.io"}
+                     "persistentvolumeclaim", "networkpolicy.networking.k8s.io",
+                     *(["service"] if env == "multinode" else [])}
     # The identity ConfigMaps the Jobs of `invoke train` and `invoke merge` read are part of base.
     assert sum(name.startswith(("configmap/llama-train-", "configmap/llama-merge-")) for name in base) == 2
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_deploy_and_the_jobs_of_train_and_merge_are_the_whole_render(env: str, tree: Path, kube_env: dict[str, str],
+                                                                      environ: dict[str, str], started: dict) -> None:
+    """Nothing falls between the selectors: what `deploy --component all` applies plus the Jobs that `train` and
+    `merge` copy from the render are exactly the rendered objects (the multi-node Service and policy included)."""
+    everything = selected(tree, env, None, kube_env, environ)
+    deployed = selected(tree, env, "all", kube_env, environ)
+    jobs = []
+    for component in ("train", "merge"):
+        plan, _, _ = started[env, component]
+        created = yaml.safe_load(plan.steps[0].stdin)
+        jobs.append(f"job.batch/{created['metadata']['annotations'][TEMPLATE_ANNOTATION]}")
+    assert sorted(deployed + jobs) == everything
+    assert len(set(everything)) == len(everything)
+    if env == "multinode":
+        assert {"service/llama-train-nodes", "networkpolicy.networking.k8s.io/allow-train-nodes"} <= set(deployed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,7 +16,7 @@ from k8s_fake_cluster import FakeCluster
 from k8s_task_objects import job, pod
 
 from entrypoint.errors import ExitCode
-from k8s_tasks.follow import experiment_of_run, follow_job
+from k8s_tasks.follow import Pace, experiment_of_run, follow_job
 from k8s_tasks.states import EXIT_MEANINGS
 
 NAME = "llama-train-20260102-030405"
@@ -65,10 +65,12 @@ class Clock:
         return self.now
 
 
-def follow(cluster: FakeCluster, **kwargs: object) -> tuple[bool, str]:
+def follow(cluster: FakeCluster, experiment: Callable[[str, str], str | None] = experiment_of_run,
+           **pace: float) -> tuple[bool, str]:
     out = io.StringIO()
     clock = Clock(cluster)
-    done = follow_job(cluster, NAME, "dev", out, sleep=clock.sleep, clock=clock, **kwargs)
+    done = follow_job(cluster, NAME, "dev", out, pace=Pace(sleep=clock.sleep, clock=clock, **pace),
+                      experiment=experiment)
     return done, out.getvalue()
 
 

@@ -24,7 +24,7 @@ def identities(objects: list[dict]) -> list[dict]:
     return [d for d in objects if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("llama-")]
 
 
-def test_default_names_are_the_seeds_in_utc() -> None:
+def test_default_names_are_the_original_designs_in_utc() -> None:
     assert default_name("train", NOW) == "llama-train-20260102-030405"
     assert default_name("merge", NOW) == "llama-merge-20260102-030405"
 
@@ -117,6 +117,19 @@ def test_a_missing_secret_is_named(tree: Path) -> None:
     cluster = FakeCluster([d for d in deployed("gpu", tree) if d["kind"] != "Secret"])
     with pytest.raises(Exit, match=r"needs objects missing from namespace llm-training: Secret/mlflow-config"):
         plan_start("gpu", "train", cluster, now=NOW, root=tree)
+
+
+def test_a_multinode_job_needs_its_headless_service(tree: Path) -> None:
+    """Without llama-train-nodes node 0 has no DNS name and the rendezvous never happens: refused before the
+    Job exists. The merge Job (one pod) does not need it."""
+    objects = deployed("multinode", tree)
+    without = [d for d in objects if (d["kind"], d["metadata"]["name"]) != ("Service", "llama-train-nodes")]
+    assert len(without) == len(objects) - 1
+    with pytest.raises(Exit, match=r"the train Job needs objects missing from namespace llm-training: "
+                                   r"Service/llama-train-nodes; `invoke deploy --env=multinode` creates them"):
+        plan_start("multinode", "train", FakeCluster(without), now=NOW, root=tree)
+    plan_start("multinode", "merge", FakeCluster(without), now=NOW, root=tree)
+    plan_start("multinode", "train", FakeCluster(objects), now=NOW, root=tree)
 
 
 def test_an_existing_job_name_is_refused(tree: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job
 
 from k8s_tasks.cleanup import plan_cleanup
 from k8s_tasks.deploy import plan_deploy
-from k8s_tasks.image import ImageRef, build_plan, push_plan
+from k8s_tasks.image import PLACEHOLDER, ImageRef, build_plan, push_plan
 from k8s_tasks.jobs import plan_start
 from k8s_tasks.local import plan_bench, plan_demo, plan_test
 from k8s_tasks.overlays import ENVS
@@ -47,7 +48,7 @@ def test_deploy_applies_the_overlay_with_the_image_set_in_one_generated_file(
     assert wrapper.path == Path(f"build/deploy/{env}/kustomization.yaml")
     kustomization = yaml.safe_load(wrapper.content)
     assert kustomization["resources"] == [f"../../../overlays/{env}"]
-    expected = {"name": "eu.gcr.io/PROJECT_ID/llama-factory-train", "newName": REGISTRY}
+    expected = {"name": PLACEHOLDER, "newName": REGISTRY}
     expected.update({"digest": image.digest} if env == "prod" else {"newTag": image.tag})
     assert kustomization["images"] == [expected]
     assert "gke_my-project_europe-west4_training" in plan.title
@@ -101,6 +102,41 @@ def test_build_and_push_commands() -> None:
     ]
 
 
+def test_buildah_builds_the_same_dockerfile_with_the_chosen_base_and_torch() -> None:
+    ref = ImageRef(REGISTRY, tag="0123456789ab")
+    plan = build_plan(ref, "f" * 40, builder="buildah", base_image="localhost/debian-python:12",
+                      torch_variant="cpu")
+    assert plan.commands() == [[
+        "buildah", "bud", "--isolation", "chroot", "--format", "docker",
+        "--platform", "linux/amd64", "--file", "docker/Dockerfile",
+        "--tag", f"{REGISTRY}:0123456789ab",
+        "--label", f"org.opencontainers.image.revision={'f' * 40}",
+        "--label", "org.opencontainers.image.version=0123456789ab",
+        "--build-arg", "BASE_IMAGE=localhost/debian-python:12", "--build-arg", "TORCH_VARIANT=cpu", ".",
+    ]]
+    assert f"`buildah push {REGISTRY}:0123456789ab` pushes it" in "\n".join(plan.notes)
+    assert any("CPUs only" in note for note in plan.notes)
+    docker = build_plan(ref, "f" * 40, torch_variant="cu126").commands()[0]
+    assert docker[:2] == ["docker", "build"]
+    assert docker[-3:] == ["--build-arg", "TORCH_VARIANT=cu126", "."]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"builder": "podman"}, "--builder must be one of docker, buildah, not 'podman'"),
+        ({"torch_variant": "cuda12"}, "--torch-variant 'cuda12' is not a PyTorch wheel variant: cpu, or cu"),
+        ({"torch_variant": ""}, "is not a PyTorch wheel variant"),
+        ({"base_image": "python 3.11"}, "--base-image 'python 3.11' is not an image reference"),
+        ({"base_image": ""}, "is not an image reference"),
+    ],
+)
+def test_build_options_that_cannot_work_say_what_is_allowed(option: dict[str, str], message: str) -> None:
+    with pytest.raises(Exit) as raised:
+        build_plan(ImageRef(REGISTRY, tag="0123456789ab"), "f" * 40, **option)
+    assert message in raised.value.message
+
+
 def test_a_dirty_build_says_prod_refuses_it() -> None:
     plan = build_plan(ImageRef(REGISTRY, tag="0123456789ab-dirty"), "f" * 40)
     assert any("prod" in note for note in plan.notes)
@@ -123,12 +159,13 @@ def test_train_and_merge_create_a_uniquely_named_copy_of_the_deployed_template(
     pod_spec = created["spec"]["template"]["spec"]
     (container,) = pod_spec["containers"]
     assert container["image"] == str(DEPLOYED[env])
-    # It reads the ConfigMaps deploy applied: the template's identity and configuration.
+    # A copy of the Job the overlay renders with that image (named after its spec, docs/adr/009) ...
     template = created["metadata"]["annotations"]["llama-factory/template"]
-    assert template.startswith(f"llama-{component}-")
-    assert cluster.exists("ConfigMap", template)
+    assert re.fullmatch(rf"llama-{component}-[a-z0-9]{{10}}", template)
+    # ... reading the ConfigMaps deploy applied: the identity (configuration and image) and the configuration.
     image_ref = next(e for e in container["env"] if e["name"] == "IMAGE")["valueFrom"]["configMapKeyRef"]
-    assert image_ref["name"] == template
+    assert image_ref["name"].startswith(f"llama-{component}-identity-")
+    assert cluster.config_map(image_ref["name"]).data["IMAGE"] == str(DEPLOYED[env])
     assert cluster.exists("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
 
 
@@ -164,12 +201,29 @@ def test_ui_port_forwards(env: str, tree: Path) -> None:
     assert plan_ui("webui").commands() == [
         ["kubectl", "port-forward", "-n", "llm-training", "svc/llama-webui", "7860:7860"]]
     # The examples name an in-cluster server (dev, gpu) or an external one (prod): nothing to forward then.
-    mlflow = plan_ui("mlflow", env, root=tree)
+    mlflow = plan_ui("mlflow", env=env, root=tree)
     if env == "prod":
         assert mlflow.commands() == []
         assert "https://mlflow.prod.example.internal" in mlflow.title
     else:
         assert mlflow.commands() == [["kubectl", "port-forward", "-n", "mlflow", "svc/mlflow", "5000:5000"]]
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_ui_webui_says_how_to_start_a_webui_scaled_to_zero(env: str, tree: Path) -> None:
+    """prod and multinode deploy LLaMA Board with 0 replicas (it would take a training GPU otherwise)."""
+    cluster = FakeCluster(deployed(env, tree))
+    webui = next(d for d in deployed(env, tree) if d["kind"] == "Deployment")
+    if webui["spec"]["replicas"] == 0:
+        with pytest.raises(Exit) as raised:
+            plan_ui("webui", cluster=cluster)
+        assert "LLaMA Board is not running" in raised.value.message
+        assert "`kubectl scale deployment/llama-webui -n llm-training --replicas=1`" in raised.value.message
+    else:
+        assert plan_ui("webui", cluster=cluster).commands() == [
+            ["kubectl", "port-forward", "-n", "llm-training", "svc/llama-webui", "7860:7860"]]
+    with pytest.raises(Exit, match="LLaMA Board is not deployed in namespace llm-training: `invoke deploy"):
+        plan_ui("webui", cluster=FakeCluster([]))
 
 
 def test_ui_mlflow_finds_the_only_env_file(tree: Path) -> None:

@@ -46,7 +46,7 @@ def test_every_workload_and_identity_gets_the_deployed_image(env: str, tree: Pat
 
 @pytest.mark.parametrize("env", ENVS)
 def test_another_image_gives_other_job_names(env: str, tree: Path) -> None:
-    # docs/adr/004: the Jobs' names carry the hash of configuration and image.
+    # docs/adr/009: the Jobs' names carry the hash of their whole spec (the image included) and configuration.
     first = {d["metadata"]["name"] for d in find(render_overlay(env, DEPLOYED[env], tree), "Job")}
     other = ImageRef(DEPLOYED[env].repository, tag="ffffffffffff")
     second = {d["metadata"]["name"] for d in find(render_overlay(env, other, tree), "Job")}

@@ -4,11 +4,18 @@ the reason of the last failure."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
+import pytest
+import yaml
 from k8s_fake_cluster import FakeCluster
 from k8s_task_objects import config_map, job, pod
 
+from k8s_tasks.cluster import KubeCluster
 from k8s_tasks.status import progress_from_logs, render_status
 
 NOW = datetime(2026, 1, 2, 3, 30, 0, tzinfo=UTC)
@@ -105,3 +112,55 @@ def test_an_empty_namespace_says_how_to_start() -> None:
     text = render_status(FakeCluster([]), NOW)
     assert "none: `invoke train --env=...` starts one" in text
     assert "not deployed: `invoke deploy --env=<dev|gpu|prod|multinode> --component webui`" in text
+
+
+class _ApiServer(BaseHTTPRequestHandler):
+    """FAKE Kubernetes API server on 127.0.0.1 (none runs here): the three reads `invoke status` makes of an
+    empty namespace but for one finished Job, answered only to the bearer token of the kubeconfig's user."""
+
+    LISTS = {
+        "/apis/batch/v1/namespaces/llm-training/jobs": ("JobList", "batch/v1", [
+            job("llama-merge-20260101-080000", "merge", complete=True, created="2026-01-01T08:00:00Z",
+                start="2026-01-01T08:00:02Z", end="2026-01-01T08:04:02Z")]),
+        "/api/v1/namespaces/llm-training/pods": ("PodList", "v1", []),
+    }
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        found = self.LISTS.get(self.path.split("?")[0])
+        if self.headers.get("Authorization") != "Bearer token-of-the-second-file" or found is None:
+            self.send_error(401 if found else 404)
+            return
+        kind, api_version, items = found
+        body = json.dumps({"kind": kind, "apiVersion": api_version, "metadata": {}, "items": items}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_status_reads_the_cluster_of_the_merged_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KubeCluster connects to the current context of the first file that sets one (as kubectl does), with
+    the context, cluster and user entries of another file."""
+    server = HTTPServer(("127.0.0.1", 0), _ApiServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    current = tmp_path / "current"
+    current.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "lab"}))
+    entries = tmp_path / "entries"
+    entries.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "elsewhere",
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me"}},
+                     {"name": "elsewhere", "context": {"cluster": "lab", "user": "nobody"}}],
+        "clusters": [{"name": "lab", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "me", "user": {"token": "token-of-the-second-file"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", os.pathsep.join([str(current), str(entries)]))
+    try:
+        text = render_status(KubeCluster(), NOW)
+    finally:
+        server.shutdown()
+    assert text.startswith("kube context lab, namespace llm-training\n")
+    assert "Complete" in _line(text, "llama-merge-20260101-080000")
+    assert "not deployed: `invoke deploy" in text  # the WebUI Deployment: 404
