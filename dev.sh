@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The two README commands:  ./dev.sh demo   (set up, then run the whole flow locally on a tiny model)
-#                           ./dev.sh test   (set up, then run the test suite; .ci/run calls this)
+# The README commands:  ./dev.sh demo   (set up, then run the whole flow locally on a tiny model)
+#                       ./dev.sh serve  (the demo, then a local vLLM serving its published model until Ctrl-C)
+#                       ./dev.sh test   (set up, then run the test suite; .ci/run calls this)
 # Setup is idempotent: a virtual environment in .venv with the pinned set (requirements.lock), reinstalled
 # only when the lock or pyproject.toml change.
 set -euo pipefail
@@ -37,6 +38,11 @@ case "$command" in
         setup
         exec "$VENV/bin/python" -m entrypoint demo "$@"
         ;;
+    serve)
+        setup
+        bash scripts/ensure-vllm.sh >/dev/null
+        exec "$VENV/bin/python" -m entrypoint.local_vllm "$@"
+        ;;
     test)
         setup
         bash scripts/ensure-tools.sh
@@ -46,7 +52,7 @@ case "$command" in
         setup
         ;;
     *)
-        echo "usage: ./dev.sh demo [--storage DIR] | test [pytest args] | setup" >&2
+        echo "usage: ./dev.sh demo [--storage DIR] | serve [--storage DIR] | test [pytest args] | setup" >&2
         exit 2
         ;;
 esac

@@ -1,8 +1,10 @@
-"""A tiny causal LM and demo datasets generated on the spot: no model hub, ever.
+"""Tiny causal LMs and demo datasets generated on the spot: no model hub, ever.
 
 A random-init Llama of a few layers with a byte-level BPE tokenizer trained on the demo texts, the
-llama3 special tokens (so the original design's TEMPLATE=llama3 works unchanged) and a chat template. Used by
-the local demo and the tests; small enough that LoRA training on the CPU takes seconds.
+llama3 special tokens (so the original design's TEMPLATE=llama3 works unchanged) and a chat template; and a
+Qwen2-style base (TEMPLATE=qwen) whose end-of-text token is not the chat's stop token. Used by the
+local demo and the tests; small enough that LoRA training on the CPU takes seconds, and shaped so that
+vLLM's CPU build serves them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,22 @@ from typing import Any
 
 BOS, EOS, EOM = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>"
 SPECIAL_TOKENS = [BOS, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOS, EOM]
+# Qwen2's: a base model ends text with <|endoftext|>; its chat format closes each turn with <|im_end|>.
+QWEN_EOS, QWEN_IM_START, QWEN_IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# Qwen2.5 base models ship this ChatML template (here without its tool-calling branches).
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{% if not (message['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... 512 only (with 16 it starts, then fails the
+# first request): every tiny model keeps heads of 64, and gains heads as it grows wider.
+HEAD_DIM = 64
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
@@ -47,44 +65,99 @@ def _corpus() -> list[str]:
     return [t for t in texts if t]
 
 
-def build_tokenizer(vocab_size: int = 384) -> Any:
+def _bpe(special_tokens: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE (as Llama 3 and Qwen2 use) trained on the demo texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _max_model_len() -> int:
+    """The ConfigMap's MAX_MODEL_LEN: vLLM refuses a --max-model-len beyond the model's positions."""
+    from entrypoint.settings import default_configmap
+
+    return int(default_configmap()["MAX_MODEL_LEN"])
+
+
+def build_tokenizer(vocab_size: int = 384) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=_bpe(SPECIAL_TOKENS, vocab_size),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=EOS,
         additional_special_tokens=[EOM],
-        model_max_length=2048,
+        model_max_length=_max_model_len(),
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = LLAMA3_CHAT_TEMPLATE
     return fast
 
 
+def build_qwen2_tokenizer(vocab_size: int = 384) -> Any:
+    """Qwen2's tokenizer in miniature: no BOS, <|endoftext|> as EOS and pad, the ChatML tokens, a base
+    model's chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=_bpe([QWEN_EOS, QWEN_IM_START, QWEN_IM_END], vocab_size),
+        bos_token=None,
+        eos_token=QWEN_EOS,
+        pad_token=QWEN_EOS,
+        unk_token=None,
+        additional_special_tokens=[QWEN_IM_START, QWEN_IM_END],
+        model_max_length=_max_model_len(),
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def _attention_shape(hidden: int) -> dict[str, int]:
+    heads = max(1, hidden // HEAD_DIM)
+    return {"num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), "head_dim": hidden // heads}
+
+
+def _save(model: Any, tokenizer: Any, generation_eos: int | list[int], dest: Path, max_shard_size: str | None) -> Path:
+    from transformers import GenerationConfig
+
+    dest.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(dest, **kwargs)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=generation_eos,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    ).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
 def make_tiny_model(
     dest: Path,
     layers: int = 2,
-    hidden: int = 64,
+    hidden: int = 128,
     dtype: str = "float32",
     seed: int = 0,
     max_shard_size: str | None = None,
 ) -> Path:
     """Write a random-init Llama with tokenizer, chat template and generation config into dest."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -92,9 +165,8 @@ def make_tiny_model(
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        **_attention_shape(hidden),
+        max_position_embeddings=_max_model_len(),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -106,25 +178,54 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    dest.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"safe_serialization": True}
-    if max_shard_size:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(dest, **kwargs)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOM)],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    ).save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return dest
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOM)]
+    return _save(model, tokenizer, eos, dest, max_shard_size)
 
 
-def write_demo_data(data_dir: Path, name: str = "train_data", fmt: str = "alpaca", repeat: int = 1) -> Path:
-    """The original design's layout: <data>/<name>.json registered in <data>/dataset_info.json."""
+def make_tiny_qwen2_model(
+    dest: Path,
+    layers: int = 2,
+    hidden: int = 128,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a random-init Qwen2-style base model into dest: like a Qwen2.5 base checkpoint, it ends text
+    (config, tokenizer and generation config) with <|endoftext|>, while TEMPLATE=qwen trains its chat turns
+    to end with <|im_end|>."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_qwen2_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        **_attention_shape(hidden),
+        max_position_embeddings=_max_model_len(),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+        initializer_range=0.2,  # as in make_tiny_model: lets a few LoRA steps teach an answer
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    return _save(model, tokenizer, tokenizer.eos_token_id, dest, max_shard_size)
+
+
+def write_demo_data(
+    data_dir: Path,
+    name: str = "train_data",
+    fmt: str = "alpaca",
+    repeat: int = 1,
+    records: list[dict[str, Any]] | None = None,
+) -> Path:
+    """The original design's layout: <data>/<name>.json registered in <data>/dataset_info.json; the demo
+    records unless others are given (in fmt's shape)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    records = (DEMO_RECORDS if fmt == "alpaca" else SHAREGPT_RECORDS) * repeat
+    records = (records or (DEMO_RECORDS if fmt == "alpaca" else SHAREGPT_RECORDS)) * repeat
     path = data_dir / f"{name}.json"
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     entry: dict[str, Any] = {"file_name": path.name}

