@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,8 @@ class StopFlag:
 
 
 class JobCallback(TrainerCallback):
-    """Stops on SIGTERM (checkpoint first when asked), notices a lost lock, feeds MLflow on rank 0."""
+    """Stops on SIGTERM (checkpoint first when asked), saves every `save_minutes` whatever the step time,
+    notices a lost lock, feeds MLflow on rank 0."""
 
     def __init__(
         self,
@@ -60,40 +62,51 @@ class JobCallback(TrainerCallback):
         checkpoint_on_stop: bool,
         tracker: Tracker | NullTracker,
         lock_lost: threading.Event | None = None,
+        save_minutes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stop = stop
         self.checkpoint_on_stop = checkpoint_on_stop
         self.tracker = tracker
         self.lock_lost = lock_lost
+        self.save_seconds = save_minutes * 60
+        self.clock = clock
         self.stopping = False
         self.global_step = 0
-        self._last_log = (0, time.monotonic())
+        self._last_log = (0, clock())
+        self._last_save = clock()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stop.in_training = True
-        self._last_log = (state.global_step, time.monotonic())
+        self._last_log = (state.global_step, self.clock())
+        self._last_save = self.clock()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop.in_training = False
         self.global_step = state.global_step
 
-    def _stop_everywhere(self, args: Any) -> bool:
-        """All ranks must stop at the same step, or the next collective hangs: agree on the flag."""
-        requested = self.stop.requested
+    def _everywhere(self, args: Any, *flags: bool) -> tuple[bool, ...]:
+        """All ranks must stop, and save, at the same step, or the next collective hangs: each flag is true
+        everywhere once it is true on any rank."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            flag = torch.tensor([1 if requested else 0], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
+            tensor = torch.tensor([1 if f else 0 for f in flags], device=args.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            return tuple(bool(v) for v in tensor.tolist())
+        return flags
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.lock_lost is not None and self.lock_lost.is_set():
             raise TemporaryFailure("another run took over the output lock; stopped without saving")
-        if self._stop_everywhere(args):
+        save_due = 0 < self.save_seconds <= self.clock() - self._last_save
+        stop, save_due = self._everywhere(args, self.stop.requested, save_due)
+        if save_due:
+            # Whatever the step time, a preemption loses at most SAVE_MINUTES of training.
+            control.should_save = True
+        if stop:
             self.stopping = True
             if not self.checkpoint_on_stop:
                 raise Interrupted(f"SIGTERM at step {state.global_step}; stopped without a checkpoint "
@@ -103,6 +116,7 @@ class JobCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        self._last_save = self.clock()
         if self.stopping:
             # The checkpoint is complete (trainer_state.json was written): leave before the final save,
             # which would make an interrupted run look finished.
@@ -145,11 +159,12 @@ def train(
     stop: StopFlag,
     tracker: Tracker | NullTracker,
     lock_lost: threading.Event | None = None,
+    save_minutes: int = 0,
 ) -> int:
     """Run LLaMA-Factory; returns the global step reached once training and the final save finished."""
     from llamafactory.train.tuner import run_exp
 
-    callback = JobCallback(stop, checkpoint_on_stop, tracker, lock_lost)
+    callback = JobCallback(stop, checkpoint_on_stop, tracker, lock_lost, save_minutes)
     run_exp(resolve_precision(lf_args), callbacks=[callback])
     return callback.global_step
 
@@ -271,7 +286,7 @@ def main(spec_path: str, settings: Settings) -> int:
         if proc.rank == 0 and spec.get("mlflow_run_id"):
             tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds)
             tracker.attach(spec["mlflow_run_id"])
-        step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker)
+        step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker, save_minutes=settings.save_minutes)
         code, message = 0, "ok"
     except BaseException as exc:  # reported to the launcher through the result file
         code, message = int(exit_code_for(exc)), f"{type(exc).__name__}: {exc}"
@@ -333,7 +348,7 @@ def run_training(plan: TrainPlan, decision: Decision, nproc: int, tracker: Track
         return
     stop = StopFlag()
     stop.install()
-    train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock_lost)
+    train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock_lost, plan.settings.save_minutes)
 
 
 def launch_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_run_id: str | None) -> dict[str, Any]:
