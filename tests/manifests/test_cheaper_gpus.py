@@ -333,6 +333,8 @@ def test_the_example_queue_admits_each_overlays_jobs(env: str, docs: dict) -> No
     """The LocalQueue is the one the Jobs name, in their namespace; the ClusterQueue covers every resource they
     request, with quota for a training run of the overlay (all its pods) and its merge at once."""
     example = _example("queue")
+    # The version Kueue serves since 0.15, and the only one from 0.20 on.
+    assert {d["apiVersion"] for d in example} == {"kueue.x-k8s.io/v1beta2"}
     local = one(example, "LocalQueue")
     cluster_queue = one(example, "ClusterQueue")
     assert local["metadata"] == {"name": _config(docs[env])["KUEUE_QUEUE"], "namespace": "llm-training"}
@@ -359,7 +361,9 @@ def test_the_flex_start_example_provisions_gpus_through_dws_before_admission() -
     example = _example("flex-start")
     check = one(example, "AdmissionCheck")
     config = one(example, "ProvisioningRequestConfig")
-    assert one(example, "ClusterQueue")["spec"]["admissionChecks"] == [check["metadata"]["name"]]
+    # v1beta2 has no ClusterQueue.spec.admissionChecks: the strategy, without onFlavors, applies to every flavor.
+    assert one(example, "ClusterQueue")["spec"]["admissionChecksStrategy"] == {
+        "admissionChecks": [{"name": check["metadata"]["name"]}]}
     assert check["spec"]["controllerName"] == "kueue.x-k8s.io/provisioning-request"
     assert check["spec"]["parameters"] == {"apiGroup": "kueue.x-k8s.io", "kind": "ProvisioningRequestConfig",
                                            "name": config["metadata"]["name"]}

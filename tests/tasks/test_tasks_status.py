@@ -198,23 +198,21 @@ def test_status_reads_the_cluster_of_the_merged_kubeconfig(tmp_path: Path, monke
     assert "not deployed: `invoke deploy" in text  # the WebUI Deployment: 404
 
 
-class _KueueApi(BaseHTTPRequestHandler):
-    """FAKE Kubernetes API server on 127.0.0.1 with Kueue's CRDs installed: one LocalQueue, one Workload; every
-    other path answers 404, as an API server without that object (or without Kueue) does."""
+KUEUE = "/apis/kueue.x-k8s.io/{version}/namespaces/llm-training/{resource}"
 
-    OBJECTS = {
-        "/apis/kueue.x-k8s.io/v1beta1/namespaces/llm-training/localqueues/team-a": {
-            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue", "metadata": {"name": "team-a"}},
-        "/apis/kueue.x-k8s.io/v1beta1/namespaces/llm-training/workloads": {
-            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "WorkloadList", "metadata": {},
-            "items": [workload("llama-train-x", ("QuotaReserved", "False", "Pending", "no quota"))]},
-    }
+
+class _KueueApi(BaseHTTPRequestHandler):
+    """FAKE Kubernetes API server on 127.0.0.1 with Kueue's CRDs installed: one LocalQueue, one Workload, at the
+    versions OBJECTS holds; every other path answers 404, as an API server without that object, without that
+    version served, or without Kueue does."""
+
+    OBJECTS: dict[str, dict | None] = {}
     selectors: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         path, _, query = self.path.partition("?")
         found = self.OBJECTS.get(path)
-        if found is None:
+        if not found:
             self.send_error(404)
             return
         self.selectors.extend(parse_qs(query).get("labelSelector", []))
@@ -242,13 +240,23 @@ def test_kueue_objects_are_read_through_the_custom_objects_api(tmp_path: Path,
     monkeypatch.setenv("KUBECONFIG", str(config))
     try:
         cluster = KubeCluster()
-        assert cluster.exists("LocalQueue", "team-a")
-        assert not cluster.exists("LocalQueue", "team-b")
-        (found,) = cluster.workloads("kueue.x-k8s.io/job-uid=uid-llama-train-x")
-        assert found["status"]["conditions"][0]["message"] == "no quota"
-        assert _KueueApi.selectors == ["kueue.x-k8s.io/job-uid=uid-llama-train-x"]
-        monkeypatch.setitem(_KueueApi.OBJECTS, "/apis/kueue.x-k8s.io/v1beta1/namespaces/llm-training/workloads",
-                            None)
+        # Kueue 0.20 and later serve v1beta2 only; releases before 0.15 serve v1beta1 only.
+        for version in ("v1beta2", "v1beta1"):
+            monkeypatch.setattr(_KueueApi, "OBJECTS", {
+                KUEUE.format(version=version, resource="localqueues/team-a"): {
+                    "apiVersion": f"kueue.x-k8s.io/{version}", "kind": "LocalQueue", "metadata": {"name": "team-a"}},
+                KUEUE.format(version=version, resource="workloads"): {
+                    "apiVersion": f"kueue.x-k8s.io/{version}", "kind": "WorkloadList", "metadata": {},
+                    "items": [workload("llama-train-x", ("QuotaReserved", "False", "Pending", "no quota"))]},
+            })
+            _KueueApi.selectors.clear()
+            assert cluster.exists("LocalQueue", "team-a"), version
+            assert not cluster.exists("LocalQueue", "team-b"), version
+            (found,) = cluster.workloads("kueue.x-k8s.io/job-uid=uid-llama-train-x")
+            assert found["status"]["conditions"][0]["message"] == "no quota"
+            assert _KueueApi.selectors == ["kueue.x-k8s.io/job-uid=uid-llama-train-x"]
+        monkeypatch.setattr(_KueueApi, "OBJECTS", {})
         assert cluster.workloads("kueue.x-k8s.io/job-uid=x") == []  # no Kueue: 404, nothing queued by it
+        assert not cluster.exists("LocalQueue", "team-a")
     finally:
         server.shutdown()
