@@ -10,6 +10,7 @@ Jobs it changes (docs/adr/009). What each component must do is checked on all of
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,8 @@ def test_kueue_labels_both_jobs_with_the_queue_of_llm_config(case: tuple[str, tu
     docs = combination_docs[combination_name(*case)]
     queue = _config(docs)["KUEUE_QUEUE"]
     assert queue == "llama-factory"
+    # Kueue's webhook accepts only a valid object name (a DNS-1123 subdomain) as the queue.
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", queue)
     for component in ("train", "merge"):
         job = _job(docs, component)
         assert job["metadata"]["labels"][QUEUE_LABEL] == queue
