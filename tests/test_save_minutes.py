@@ -86,7 +86,7 @@ def _rank(rank: int, port: int, results: dict) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         stop = StopFlag()
-        stop.requested = rank == 1
+        stop.requested_at = 0.0 if rank == 1 else None
         now = [0.0]
         callback = JobCallback(stop, True, NullTracker(), save_minutes=1, clock=lambda: now[0])
         state = SimpleNamespace(global_step=7, is_world_process_zero=rank == 0)

@@ -1,6 +1,6 @@
 """Cheaper GPUs without lost work: components/spot, components/kueue and components/flex-start, each added to any
 shipped overlay with one line (overlays.COMBINATIONS), rendered by the real kustomize, and the grace periods
-argued in docs/adr/010-preemptible-capacity.md.
+argued in docs/adr/013-preemptible-capacity.md.
 
 Every combination is valid Kubernetes for the oldest and newest supported minors, passes Pod Security
 "restricted" (checkov runs over them in test_checkov.py), keeps the sizes test_sizing.py checks, and renames the
@@ -225,7 +225,7 @@ def test_kueue_labels_both_jobs_with_the_queue_of_llm_config(case: tuple[str, tu
         job = _job(docs, component)
         assert job["metadata"]["labels"][QUEUE_LABEL] == queue
         # Kueue's webhook suspends a labelled Job when it is created; a suspend in the manifest would suspend a
-        # running Job again at every `kubectl apply` (docs/adr/011).
+        # running Job again at every `kubectl apply` (docs/adr/014).
         assert "suspend" not in job["spec"]
     # Nothing else is Kueue's to manage (it would hold the WebUI's pods back, with its pod integration on).
     labelled = [d["metadata"]["name"] for d in docs if QUEUE_LABEL in (d["metadata"].get("labels") or {})]
@@ -292,7 +292,7 @@ def test_shipped_overlays_have_no_flex_start_annotation(docs: dict) -> None:
         assert MAX_RUN not in (_job(docs[env], "train")["metadata"].get("annotations") or {}), env
 
 
-# --- grace periods on on-demand nodes (docs/adr/010) --------------------------------------------------------
+# --- grace periods on on-demand nodes (docs/adr/013) --------------------------------------------------------
 
 # Full fine-tuning checkpoint: bf16 weights (2 bytes per parameter), fp32 master weights (4) and AdamW's two fp32
 # moments (8), as DeepSpeed writes them; transformers without DeepSpeed writes 12.

@@ -92,7 +92,8 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": component, "operator": "In", "values": [int(ExitCode.CONFIG)]},
+        "onExitCodes": {"containerName": component, "operator": "In",
+                        "values": [int(ExitCode.CONFIG), int(ExitCode.GPU_OUT_OF_MEMORY)]},
     }
     assert rules[1] == {
         "action": "Ignore",
@@ -106,7 +107,7 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     assert retries >= 1
     assert spec["activeDeadlineSeconds"] > 0
     assert spec["ttlSecondsAfterFinished"] >= 3600, "keep finished Jobs long enough to read their logs"
-    # On-demand nodes: training gets the time a full checkpoint takes (test_cheaper_gpus.py, docs/adr/010); an
+    # On-demand nodes: training gets the time a full checkpoint takes (test_cheaper_gpus.py, docs/adr/013); an
     # interrupted merge only starts again, nothing is worth waiting for.
     grace = pod["terminationGracePeriodSeconds"]
     assert grace == ON_DEMAND_TRAIN_GRACE if component == "train" else 0 < grace <= 15
