@@ -78,7 +78,8 @@ def merge(c: Context, env: str | None = None, name: str | None = None, tag: str 
 
 @task
 def status(c: Context) -> None:
-    """Show Jobs (with training progress and ETA), pods, the WebUI and the last failure's reason."""
+    """Show Jobs (with training progress and ETA, or why Kueue holds them), pods, the WebUI and the last failure's
+    reason."""
     actions.status()
 
 
@@ -118,7 +119,8 @@ def cleanup(c: Context, target: str, all_: bool = False, dry_run: bool = False) 
     "env": "check only this overlay as `kubectl apply -k overlays/<env>` applies it: fails on a placeholder image",
 })
 def validate(c: Context, env: str | None = None) -> None:
-    """Render every overlay offline; check it with kubernetes-validate and checkov (and lint the Dockerfile)."""
+    """Render every overlay offline, alone and with components/spot, kueue and flex-start; check the renders with
+    kubernetes-validate and checkov (and lint the Dockerfile)."""
     actions.validate(env=env)
 
 

@@ -40,7 +40,8 @@ class Option:
     env: str
     default: str  # as the ConfigMap writes it; parsed like any value
     doc: str
-    group: str  # paths | data | training | lora | tracking | runtime | distributed | merge | webui | job | vllm
+    group: str  # paths | data | training | lora | tracking | runtime | distributed | merge | webui |
+    # scheduling | job | vllm
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
@@ -202,6 +203,10 @@ class Settings:
     save_steps: int = option(
         "SAVE_STEPS", "100", "Checkpoint every this many steps: what a resume after preemption starts from.",
         "training", minimum=1, lf_key="save_steps")
+    save_minutes: int = option(
+        "SAVE_MINUTES", "0", "Also checkpoint once this many minutes have passed since the last checkpoint, "
+        "whatever the step time: at most this much training is lost to a preemption (0: SAVE_STEPS only; "
+        "components/spot sets 10).", "training", minimum=0, maximum=10080)
     save_total_limit: int = option(
         "SAVE_TOTAL_LIMIT", "3", "Keep at most this many checkpoints (0: keep all).", "training", minimum=0,
         lf_key="save_total_limit", lf_omit=(0,))
@@ -318,6 +323,10 @@ class Settings:
     webui_workdir: str = option(
         "WEBUI_WORKDIR", "/storage/webui", "Working directory of the WebUI on NFS: its saves/, cache and config "
         "land there.", "webui", path=True)
+    # Scheduling (read by the manifests, kept here so the ConfigMap documents one place).
+    kueue_queue: str = option(
+        "KUEUE_QUEUE", "llama-factory", "Kueue LocalQueue the training and merge Jobs are submitted to "
+        "(components/kueue labels them with it); unused without that component.", "scheduling")
     # Identity of the pod (downward API and image): MLflow tags, and node 0's name in a multi-node Job.
     job_name: str = option(
         "JOB_NAME", "", "Kubernetes Job name (downward API); with MULTINODE_SERVICE it names node 0.", "job",

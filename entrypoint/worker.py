@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +87,9 @@ class StopFlag:
 
 
 class JobCallback(TrainerCallback):
-    """Stops on SIGTERM (checkpoint first when asked), writes nothing once the output lock is lost, records
-    each checkpoint as complete once saved, feeds MLflow on rank 0."""
+    """Stops on SIGTERM (checkpoint first when asked), saves every `save_minutes` whatever the step time,
+    writes nothing once the output lock is lost, records each checkpoint as complete once saved, feeds MLflow
+    on rank 0."""
 
     def __init__(
         self,
@@ -96,15 +98,20 @@ class JobCallback(TrainerCallback):
         tracker: Tracker | NullTracker,
         lock: LockToken | None = None,
         lock_lost: threading.Event | None = None,
+        save_minutes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stop = stop
         self.checkpoint_on_stop = checkpoint_on_stop
         self.tracker = tracker
         self.lock = lock
         self.lock_lost = lock_lost
+        self.save_seconds = save_minutes * 60
+        self.clock = clock
         self.stopping = False
         self.global_step = 0
-        self._last_log = (0, time.monotonic())
+        self._last_log = (0, clock())
+        self._last_save = clock()
 
     def _check_lock(self) -> None:
         """Before anything is saved: the lock must still be ours (its file says so, not only the heartbeat)."""
@@ -115,7 +122,8 @@ class JobCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stop.phase = "training"
-        self._last_log = (state.global_step, time.monotonic())
+        self._last_log = (state.global_step, self.clock())
+        self._last_save = self.clock()
 
     def on_train_end(self, args, state, control, **kwargs):
         # Next come the final weights and, in the launcher, the completion marker.
@@ -126,23 +134,28 @@ class JobCallback(TrainerCallback):
             raise self.stop.interrupted("SIGTERM at the end of training: the rerun resumes from the last "
                                         "complete checkpoint")
 
-    def _stop_everywhere(self, args: Any) -> bool:
-        """All ranks must stop at the same step, or the next collective hangs: agree on the flag."""
-        requested = self.stop.requested
+    def _everywhere(self, args: Any, *flags: bool) -> tuple[bool, ...]:
+        """All ranks must stop, and save, at the same step, or the next collective hangs: each flag is true
+        everywhere once it is true on any rank."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            flag = torch.tensor([1 if requested else 0], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
+            tensor = torch.tensor([1 if f else 0 for f in flags], device=args.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            return tuple(bool(v) for v in tensor.tolist())
+        return flags
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.lock_lost is not None and self.lock_lost.is_set():
             self._check_lock()
-        if self._stop_everywhere(args):
+        save_due = 0 < self.save_seconds <= self.clock() - self._last_save
+        stop, save_due = self._everywhere(args, self.stop.requested, save_due)
+        if save_due:
+            # Whatever the step time, a preemption loses at most SAVE_MINUTES of training.
+            control.should_save = True
+        if stop:
             self.stopping = True
             if not self.checkpoint_on_stop:
                 raise self.stop.interrupted(f"SIGTERM at step {state.global_step}; stopped without a checkpoint "
@@ -156,6 +169,7 @@ class JobCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
+        self._last_save = self.clock()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # every rank's part of the checkpoint is on the storage
         if state.is_world_process_zero:
@@ -204,11 +218,12 @@ def train(
     tracker: Tracker | NullTracker,
     lock: LockToken | None = None,
     lock_lost: threading.Event | None = None,
+    save_minutes: int = 0,
 ) -> int:
     """Run LLaMA-Factory; returns the global step reached once training and the final save finished."""
     from llamafactory.train.tuner import run_exp
 
-    callback = JobCallback(stop, checkpoint_on_stop, tracker, lock, lock_lost)
+    callback = JobCallback(stop, checkpoint_on_stop, tracker, lock, lock_lost, save_minutes)
     run_exp(resolve_precision(lf_args), callbacks=[callback])
     return callback.global_step
 
@@ -397,7 +412,8 @@ def main(spec_path: str, settings: Settings) -> int:
             tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds)
             tracker.attach(spec["mlflow_run_id"])
         lock = LockToken(**spec["lock"]) if spec.get("lock") else None
-        step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker, lock)
+        step = train(spec["lf_args"], spec["checkpoint_on_stop"], stop, tracker, lock,
+                     save_minutes=settings.save_minutes)
         code, message = 0, "ok"
     except BaseException as exc:  # reported to the launcher through the result file
         failure, message = describe(exc)
@@ -476,7 +492,8 @@ def run_training(plan: TrainPlan, decision: Decision, nproc: int, tracker: Track
         return
     stop = StopFlag(plan.settings.termination_grace_seconds)
     stop.install()
-    train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock.token_check, lock.lost)
+    train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock.token_check, lock.lost,
+          plan.settings.save_minutes)
 
 
 def launch_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_run_id: str | None,

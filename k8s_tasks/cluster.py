@@ -18,6 +18,10 @@ from invoke.exceptions import Exit
 from k8s_tasks.overlays import NAMESPACE
 from k8s_tasks.tools import REPO, find_tool, missing_tool_message
 
+KUEUE_GROUP = "kueue.x-k8s.io"
+# Newest first: Kueue serves v1beta2 since 0.15 and stops serving v1beta1 in 0.20; older releases (and GKE's
+# documentation) have v1beta1 only.
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
 NO_CONTEXT = ("no Kubernetes context: connect kubectl to your cluster first "
               "(GKE: `gcloud container clusters get-credentials CLUSTER --region REGION --project $PROJECT_ID`)")
 
@@ -35,6 +39,7 @@ class Cluster(Protocol):
     def config_maps(self, selector: str = "") -> list[Any]: ...
     def config_map(self, name: str) -> Any | None: ...
     def exists(self, kind: str, name: str) -> bool: ...
+    def workloads(self, selector: str = "") -> list[dict[str, Any]]: ...
     def pod_log(self, name: str, container: str, *, follow: bool = False,
                 tail_lines: int | None = None) -> Iterator[str]: ...
     def exec(self, pod: str, container: str, argv: list[str]) -> str: ...
@@ -107,6 +112,7 @@ class KubeCluster:
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
 
     def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -150,9 +156,26 @@ class KubeCluster:
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "ServiceAccount": self.core.read_namespaced_service_account,
             "Service": self.core.read_namespaced_service,
+            "LocalQueue": lambda name, namespace: self._kueue(
+                self.custom.get_namespaced_custom_object, namespace, "localqueues", name),
         }[kind]
         # Metadata only would do; the client has no such call, and none of these objects is large.
         return self._call(read, name, self.namespace) is not None
+
+    def _kueue(self, method: Any, *args: Any, **kwargs: Any) -> Any | None:
+        """A read of Kueue's objects at the newest version the cluster serves; None when no version answers (404:
+        no Kueue, or no such object)."""
+        for version in KUEUE_VERSIONS:
+            found = self._call(method, KUEUE_GROUP, version, *args, **kwargs)
+            if found is not None:
+                return found
+        return None
+
+    def workloads(self, selector: str = "") -> list[dict[str, Any]]:
+        """Kueue's Workloads (plain dicts); none where Kueue is not installed."""
+        found = self._kueue(self.custom.list_namespaced_custom_object, self.namespace, "workloads",
+                            label_selector=selector)
+        return (found or {}).get("items", [])
 
     def pod_log(self, name: str, container: str, *, follow: bool = False,
                 tail_lines: int | None = None) -> Iterator[str]:

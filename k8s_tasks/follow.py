@@ -20,11 +20,13 @@ from invoke.exceptions import Exit
 from k8s_tasks.cluster import Cluster
 from k8s_tasks.states import (
     STUCK_REASONS,
+    WORKLOAD_JOB_UID_LABEL,
     age,
     describe_termination,
     job_end,
     job_outcome,
     started,
+    suspended,
     terminations,
     waiting,
 )
@@ -83,12 +85,12 @@ def follow_job(cluster: Cluster, name: str, env: str, out: TextIO, *, pace: Pace
     return kind == "Complete"
 
 
-def waiting_for(job: Any, pending: Any | None) -> tuple[str, str] | None:
+def waiting_for(cluster: Cluster, job: Any, pending: Any | None) -> tuple[str, str] | None:
     """(reason, detail) of what the Job waits for while no pod of it runs; None when nothing to say."""
     if pending is not None:
         return waiting(pending)
     if job.spec.suspend:
-        return "Suspended", "the Job waits to be admitted (a queue such as Kueue holds it)"
+        return suspended(job, cluster.workloads(f"{WORKLOAD_JOB_UID_LABEL}={job.metadata.uid}"))
     return "NoPod", "the Job controller has not created a pod yet"
 
 
@@ -157,7 +159,7 @@ class _Follower:
 
     def report_wait(self, job: Any, pending: Any | None) -> None:
         """Print a wait when it changes, and again every `heartbeat` seconds; stop on a pod that cannot start."""
-        state = waiting_for(job, pending)
+        state = waiting_for(self.cluster, job, pending)
         if state is None:
             return
         now = self.pace.clock()

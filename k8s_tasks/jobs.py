@@ -30,6 +30,7 @@ from k8s_tasks.cluster import Cluster, kubeconfig_problem
 from k8s_tasks.image import ImageRef
 from k8s_tasks.overlays import NAMESPACE, one, render_overlay
 from k8s_tasks.plan import Command, Plan
+from k8s_tasks.states import QUEUE_LABEL
 from k8s_tasks.tools import REPO
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -198,6 +199,14 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
     if missing:
         raise Exit(f"the {component} Job needs objects missing from namespace {NAMESPACE}: {', '.join(missing)}; "
                    f"`invoke deploy --env={env}` creates them")
+
+    queue = (template["metadata"].get("labels") or {}).get(QUEUE_LABEL)
+    if queue and not cluster.exists("LocalQueue", queue):
+        # Kueue's webhook would create the Job suspended, and nothing would ever admit it.
+        raise Exit(f"the {component} Job is for Kueue LocalQueue {queue} (KUEUE_QUEUE, components/kueue), which "
+                   f"namespace {NAMESPACE} does not have (or Kueue is not installed): it would wait forever. "
+                   f"Create the queue (`kubectl apply -k docs/kueue/queue` is an example), or remove components/kueue "
+                   f"from overlays/{env}")
 
     job = job_from_template(template, job_name, {TEMPLATE_ANNOTATION: template["metadata"]["name"],
                                                  OVERLAY_ANNOTATION: env})

@@ -34,6 +34,11 @@ SELECTORS = {
     "webui": f"{COMPONENT_LABEL}=webui",
 }
 DEPLOY_DIR = Path("build/deploy")
+# Components an overlay adds for cheaper GPUs, one line each after components/gpu (README "Cheaper GPUs"), and
+# the combinations that make sense: a node is Spot or flex-start, never both. `invoke validate` and the
+# manifest tests render every overlay with each of them.
+COMBINATIONS = (("spot",), ("kueue",), ("flex-start",), ("spot", "kueue"), ("kueue", "flex-start"))
+_AFTER = "  - ../../components/gpu\n"
 
 
 def check_env(env: str | None) -> str:
@@ -79,6 +84,31 @@ def copy_tree(dest: Path, root: Path = REPO) -> Path:
     for example in (dest / "overlays").glob("*/mlflow.env.example"):
         shutil.copyfile(example, example.with_name("mlflow.env"))
     return dest
+
+
+def with_components(kustomization: str, components: tuple[str, ...]) -> str:
+    """An overlay's kustomization.yaml with the components added: one line each, after components/gpu."""
+    if _AFTER not in kustomization:
+        raise Exit(f"the overlay does not list components/gpu, after which components {components} go")
+    return kustomization.replace(_AFTER, _AFTER + "".join(f"  - ../../components/{c}\n" for c in components), 1)
+
+
+def combination_name(env: str, components: tuple[str, ...]) -> str:
+    return "+".join((env, *components))
+
+
+def add_combinations(tree: Path) -> list[str]:
+    """Beside each overlay of a copied tree (copy_tree), one overlay per combination of COMBINATIONS, named
+    <env>+<component>...: the overlay's own files, its kustomization with the components added."""
+    names = []
+    for env in ENVS:
+        for components in COMBINATIONS:
+            name = combination_name(env, components)
+            shutil.copytree(tree / "overlays" / env, tree / "overlays" / name)
+            kustomization = tree / "overlays" / name / "kustomization.yaml"
+            kustomization.write_text(with_components(kustomization.read_text(), components), encoding="utf-8")
+            names.append(name)
+    return names
 
 
 def render(path: Path, kubectl: str | None = None) -> str:

@@ -82,6 +82,40 @@ def job_end(job: Any) -> datetime | None:
     return None
 
 
+# Kueue (components/kueue): the label naming a Job's LocalQueue, and the one its Workload carries with the Job's uid.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+WORKLOAD_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+
+
+def queue_of(job: Any) -> str | None:
+    return (job.metadata.labels or {}).get(QUEUE_LABEL)
+
+
+def kueue_reason(workloads: list[dict[str, Any]]) -> str:
+    """Why Kueue holds the Job, from its Workload's conditions: preempted, no quota, an admission check
+    (a DWS ProvisioningRequest) not ready yet; empty when it says nothing."""
+    for workload in workloads:
+        conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+        for kind, status in (("Evicted", "True"), ("QuotaReserved", "False"), ("Admitted", "False")):
+            condition = conditions.get(kind)
+            if condition is not None and condition.get("status") == status and condition.get("message"):
+                return str(condition["message"]).strip()
+    return ""
+
+
+def suspended(job: Any, workloads: list[dict[str, Any]]) -> tuple[str, str]:
+    """(state, detail) of a suspended Job: queued by Kueue in its queue (with Kueue's reason), or suspended by
+    hand. `workloads`: the Kueue Workloads of the Job (none when Kueue has not seen it, or is not installed)."""
+    queue = queue_of(job)
+    if queue is None:
+        return "suspended", "spec.suspend is true and no Kueue queue holds it: resume it with kubectl patch"
+    if not workloads:
+        return ("queued (suspended by Kueue)", f"queue {queue}: Kueue has no Workload for it yet (is Kueue "
+                "installed, and does its LocalQueue exist?)")
+    reason = kueue_reason(workloads)
+    return "queued (suspended by Kueue)", f"queue {queue}" + (f": {reason}" if reason else "")
+
+
 def job_component(job: Any) -> str:
     return (job.metadata.labels or {}).get("app.kubernetes.io/component", "")
 

@@ -13,11 +13,13 @@ from invoke.exceptions import Exit
 
 from k8s_tasks.cluster import Cluster
 from k8s_tasks.states import (
+    WORKLOAD_JOB_UID_LABEL,
     age,
     describe_termination,
     job_component,
     job_end,
     job_outcome,
+    suspended,
     terminations,
     waiting,
 )
@@ -110,8 +112,6 @@ def _job_status(job: Any, pods: list[Any]) -> str:
     if outcome is not None:
         kind, reason, _ = outcome
         return kind if kind == "Complete" else f"Failed: {reason or 'unknown'}"
-    if job.spec.suspend:
-        return "Suspended (queued)"
     text = "Running" if any(p.status.phase == "Running" for p in pods) else "Pending"
     if job.status.failed:
         text += f" (retry {job.status.failed})"
@@ -154,12 +154,15 @@ def jobs_section(cluster: Cluster, jobs: list[Any], pods: list[Any], now: dateti
 
 
 def _job_row(cluster: Cluster, job: Any, pods: list[Any], now: datetime) -> list[str]:
-    progress = "-"
+    status, progress = _job_status(job, pods), "-"
     running = [p for p in pods if p.status.phase == "Running"]
-    if job_component(job) == "train" and running and job_outcome(job) is None:
+    if job.spec.suspend and job_outcome(job) is None:
+        # Queued: why, in place of the progress (Kueue's reason, when a Workload of it says one).
+        status, progress = suspended(job, cluster.workloads(f"{WORKLOAD_JOB_UID_LABEL}={job.metadata.uid}"))
+    elif job_component(job) == "train" and running and job_outcome(job) is None:
         found = train_progress(cluster, running[0])
         progress = str(found) if found is not None else "starting (no step logged yet)"
-    return [job.metadata.name, job_component(job) or "-", _job_status(job, pods), progress,
+    return [job.metadata.name, job_component(job) or "-", status, progress,
             age(job.metadata.creation_timestamp, now), _duration(job, now)]
 
 

@@ -1,8 +1,10 @@
 """`invoke validate`: render every overlay offline and run the checks CI runs on them.
 
 Renders a copy of the tree whose mlflow.env files come from the examples (as tests/manifests does), so it
-works in a fresh clone and never reads a real secret. With an overlay named, it checks that overlay as
-`kubectl apply -k overlays/<env>` would apply it: it fails while an image there is still a placeholder.
+works in a fresh clone and never reads a real secret; every overlay also with each combination of the
+components for cheaper GPUs (overlays.COMBINATIONS), each added as `kubectl apply -k` users would add it. With
+an overlay named, it checks that overlay as `kubectl apply -k overlays/<env>` would apply it: it fails while an
+image there is still a placeholder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TextIO
 from invoke.exceptions import Exit
 
 from k8s_tasks.image import PLACEHOLDER, ImageRef, placeholder_problem
-from k8s_tasks.overlays import ENVS, copy_tree, images_of, parse, render, wrapper_step
+from k8s_tasks.overlays import ENVS, add_combinations, copy_tree, images_of, parse, render, wrapper_step
 from k8s_tasks.tools import REPO, require_tool
 
 # Oldest and newest Kubernetes minors supported (tests/manifests checks them too): 1.31 is the first with
@@ -86,14 +88,21 @@ def validate(out: TextIO, root: Path = REPO, env: str | None = None) -> None:
                 raise Exit(f"deploy would leave other images in overlays/{name} ({images}); every workload must "
                            f"use {PLACEHOLDER}, which deploy replaces")
         shutil.rmtree(tree / "build", ignore_errors=True)  # the deploy wrappers are not part of what checkov lints
+        for name in add_combinations(tree) if env is None else ():
+            print(f"- render overlays/{name.replace('+', ' + components/')}", file=out, flush=True)
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(render(tree / "overlays" / name, kubectl), encoding="utf-8")
+            renders.append(str(path))
         for minor in K8S_MINORS:
             _run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", minor, *renders],
                  f"kubernetes-validate --strict against Kubernetes {minor}", out)
         # checkov renders kustomizations with the kubectl on its PATH, and silently skips them without one.
         tool_env = {**os.environ, "PATH": f"{Path(kubectl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         _run([checkov, "-d", str(tree), "--framework", "kustomize", "--skip-download", "--compact", "--quiet"],
-             "checkov --framework kustomize (base, components, every overlay)", out, env=tool_env, cwd=tree)
+             "checkov --framework kustomize (base, components, every overlay and combination)", out, env=tool_env,
+             cwd=tree)
         _run([checkov, "-f", str(root / "docker" / "Dockerfile"), "--framework", "dockerfile", "--skip-download",
               "--compact", "--quiet"], "checkov --framework dockerfile (docker/Dockerfile)", out)
-    what = "every overlay renders" if env is None else f"overlays/{env} renders with pullable images"
+    what = ("every overlay renders, alone and with components/spot, kueue and flex-start" if env is None
+            else f"overlays/{env} renders with pullable images")
     print(f"validate: {what}, is valid Kubernetes, and passes checkov", file=out)

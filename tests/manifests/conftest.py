@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from k8s_tasks.overlays import copy_tree, parse, render_envs
+from k8s_tasks.overlays import add_combinations, copy_tree, parse, render, render_envs
+from k8s_tasks.tools import require_tool
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,17 @@ def renders(manifest_tree: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def docs(renders: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     return {overlay: parse(text) for overlay, text in renders.items()}
+
+
+@pytest.fixture(scope="session")
+def combination_renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every overlay with each combination of the components for cheaper GPUs (overlays.COMBINATIONS), added as a
+    user adds them: one line each. Keyed <env>+<component>..."""
+    tree = copy_tree(tmp_path_factory.mktemp("combinations"))
+    kubectl = require_tool("kubectl")
+    return {name: render(tree / "overlays" / name, kubectl) for name in add_combinations(tree)}
+
+
+@pytest.fixture(scope="session")
+def combination_docs(combination_renders: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    return {name: parse(text) for name, text in combination_renders.items()}

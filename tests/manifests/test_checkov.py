@@ -1,4 +1,5 @@
-"""checkov over every kustomization: zero failed checks; each skip is an annotation with its reason."""
+"""checkov over every kustomization, every overlay also with each combination of the components for cheaper GPUs
+(overlays.COMBINATIONS): zero failed checks; each skip is an annotation with its reason."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from kustomize_helpers import pod_specs
 
-from k8s_tasks.overlays import ENVS, copy_tree
+from k8s_tasks.overlays import COMBINATIONS, ENVS, add_combinations, combination_name, copy_tree
 from k8s_tasks.tools import require_tool
 
 # The only checks skipped, and where; each reason is in the skip annotation itself (base/*.yaml).
@@ -28,6 +29,7 @@ SKIP_ANNOTATION = re.compile(r"checkov\.io/skip\d+")
 @pytest.fixture(scope="module")
 def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tree = copy_tree(tmp_path_factory.mktemp("checkov"))
+    add_combinations(tree)
     env = dict(os.environ)
     # checkov renders each kustomization with kustomize or kubectl from PATH, and silently skips the
     # framework when neither is there: put the kubectl the other tests use first on its PATH.
@@ -49,7 +51,8 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _where(resource: str) -> str:
-    # "overlay:overlays/gpu:Job.llm-training.llama-train-x" or "base:Job.llm-training.llama-train"
+    # "overlay:overlays/gpu:Job.llm-training.llama-train-x" or "base:Job.llm-training.llama-train"; a combination:
+    # "overlay:overlays/gpu+spot:..."
     return (
         resource.split(":")[1].split("/")[-1] if resource.startswith("overlay:") else resource.split(":")[0]
     )
@@ -58,7 +61,8 @@ def _where(resource: str) -> str:
 def test_checkov_scanned_every_overlay_and_the_base(checkov_report: dict) -> None:
     results = checkov_report["results"]
     scanned = {_where(c["resource"]) for kind in ("passed_checks", "skipped_checks") for c in results[kind]}
-    assert {"base", *ENVS} <= scanned
+    combinations = {combination_name(env, components) for env in ENVS for components in COMBINATIONS}
+    assert {"base", *ENVS, *combinations} <= scanned
     assert checkov_report["summary"]["parsing_errors"] == 0
 
 
@@ -74,7 +78,8 @@ def test_checkov_reports_no_failed_check(checkov_report: dict) -> None:
 
 def test_checkov_skips_are_the_reviewed_ones(checkov_report: dict) -> None:
     for check in checkov_report["results"]["skipped_checks"]:
-        where = _where(check["resource"])
+        # A combination skips what its overlay skips: the components add no skip.
+        where = _where(check["resource"]).split("+")[0]
         assert where in ALLOWED_SKIPS.get(check["check_id"], set()), (
             f"unexpected skip {check['check_id']} in {where}"
         )

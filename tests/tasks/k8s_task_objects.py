@@ -51,20 +51,24 @@ def _fingerprint(root: Path) -> str:
 
 def job(name: str, component: str = "train", *, complete: bool = False, failed: str | None = None,
         message: str = "", created: str = "2026-01-02T03:00:00Z", start: str | None = "2026-01-02T03:00:05Z",
-        end: str | None = None, retries: int = 0, failed_at: str | None = None) -> dict[str, Any]:
+        end: str | None = None, retries: int = 0, failed_at: str | None = None, queue: str | None = None,
+        suspend: bool = False) -> dict[str, Any]:
+    """A Job as the API server returns it; `queue`: labelled for that Kueue LocalQueue (components/kueue)."""
     conditions = []
     if complete:
         conditions.append({"type": "Complete", "status": "True", "reason": "", "message": ""})
     if failed:
         conditions.append({"type": "Failed", "status": "True", "reason": failed, "message": message,
                            "lastTransitionTime": failed_at})
+    labels = {"app.kubernetes.io/component": component, "app.kubernetes.io/part-of": "llm-training",
+              "app.kubernetes.io/name": "llama-factory"}
+    if queue is not None:
+        labels["kueue.x-k8s.io/queue-name"] = queue
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": "llm-training", "creationTimestamp": created,
-                     "labels": {"app.kubernetes.io/component": component,
-                                "app.kubernetes.io/part-of": "llm-training",
-                                "app.kubernetes.io/name": "llama-factory"}},
-        "spec": {"template": {"spec": {"containers": [{"name": component, "image": "x"}]}}},
+                     "uid": f"uid-{name}", "labels": labels},
+        "spec": {"suspend": suspend, "template": {"spec": {"containers": [{"name": component, "image": "x"}]}}},
         "status": {"conditions": conditions, "startTime": start, "completionTime": end,
                    "failed": retries or None},
     }
@@ -101,6 +105,23 @@ def pod(name: str, job_name: str | None, container: str = "train", *, phase: str
                                                    "envFrom": [{"configMapRef": {"name": config_map}}]}]},
         "status": {"phase": phase, "conditions": conditions, "containerStatuses": statuses},
     }
+
+
+def workload(job_name: str, *conditions: tuple[str, str, str, str]) -> dict[str, Any]:
+    """Kueue's Workload of a Job (as the custom-objects API returns it), with (type, status, reason, message)
+    conditions."""
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+        "metadata": {"name": f"job-{job_name}-1a2b3", "namespace": "llm-training",
+                     "labels": {"kueue.x-k8s.io/job-uid": f"uid-{job_name}"}},
+        "status": {"conditions": [{"type": t, "status": s, "reason": r, "message": m}
+                                  for t, s, r, m in conditions]},
+    }
+
+
+def local_queue(name: str) -> dict[str, Any]:
+    return {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": "llm-training"}, "spec": {"clusterQueue": name}}
 
 
 def config_map(name: str, data: dict[str, str]) -> dict[str, Any]:

@@ -12,16 +12,18 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
-from k8s_task_objects import DEPLOYED
+from k8s_fake_cluster import FakeCluster
+from k8s_task_objects import DEPLOYED, deployed, local_queue
 
 from k8s_tasks.deploy import plan_deploy
-from k8s_tasks.jobs import TEMPLATE_ANNOTATION
-from k8s_tasks.overlays import ENVS
+from k8s_tasks.jobs import TEMPLATE_ANNOTATION, plan_start
+from k8s_tasks.overlays import COMBINATIONS, ENVS, with_components
 from k8s_tasks.plan import WriteFile
 from k8s_tasks.tools import require_tool
 
@@ -132,3 +134,24 @@ def test_deploy_and_the_jobs_of_train_and_merge_are_the_whole_render(env: str, t
     assert len(set(everything)) == len(everything)
     if env == "multinode":
         assert {"service/llama-train-nodes", "networkpolicy.networking.k8s.io/allow-train-nodes"} <= set(deployed)
+
+
+@pytest.mark.parametrize("env", ["gpu", "multinode"])
+@pytest.mark.parametrize("components", COMBINATIONS, ids="+".join)
+def test_with_the_components_for_cheaper_gpus_nothing_falls_between_the_selectors(
+        env: str, components: tuple[str, ...], tree: Path, kube_env: dict[str, str], environ: dict[str, str]) -> None:
+    """components/spot, kueue and flex-start add no object and keep the Jobs' component labels: deploy still
+    applies everything but the Jobs, and the Jobs `train` and `merge` create are the rest (multinode: with its
+    Service and policy)."""
+    kustomization = tree / "overlays" / env / "kustomization.yaml"
+    kustomization.write_text(with_components(kustomization.read_text(), components))
+    everything = selected(tree, env, None, kube_env, environ)
+    applied = selected(tree, env, "all", kube_env, environ)
+    cluster = FakeCluster([*deployed(env, tree), local_queue("llama-factory")])
+    jobs = []
+    for component in ("train", "merge"):
+        plan, _ = plan_start(env, component, cluster, now=datetime(2026, 1, 2, tzinfo=UTC), root=tree)
+        created = yaml.safe_load(plan.steps[0].stdin)
+        jobs.append(f"job.batch/{created['metadata']['annotations'][TEMPLATE_ANNOTATION]}")
+    assert sorted(applied + jobs) == everything
+    assert not any(name.startswith("job.batch/") for name in applied)

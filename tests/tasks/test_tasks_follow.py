@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from invoke.exceptions import Exit
 from k8s_fake_cluster import FakeCluster
-from k8s_task_objects import job, pod
+from k8s_task_objects import job, pod, workload
 
 from entrypoint.errors import ExitCode
 from k8s_tasks.follow import Pace, experiment_of_run, follow_job
@@ -148,12 +148,49 @@ def test_experiment_lookup_asks_the_rest_api(mlflow_uri: str) -> None:
     assert experiment_of_run("http://***@mlflow.example.com", RUN_ID) is None  # redacted: not askable
 
 
-def test_a_long_wait_keeps_reporting_and_a_queued_job_says_so() -> None:
-    queued = job(NAME)
-    queued["spec"]["suspend"] = True
-    cluster = FakeCluster(*([[queued]] * 40), [job(NAME, complete=True)])
+def test_a_long_wait_keeps_reporting() -> None:
+    waiting = [job(NAME), pod(f"{NAME}-a", NAME, phase="Pending", node=None,
+                              unschedulable="0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")]
+    cluster = FakeCluster(*([waiting] * 40), [job(NAME, complete=True)])
     done, text = follow(cluster, heartbeat=30)
     assert done
-    waits = [line for line in text.splitlines() if line.startswith("... Suspended")]
-    assert waits[0] == "... Suspended: the Job waits to be admitted (a queue such as Kueue holds it) (0s)"
+    waits = [line for line in text.splitlines() if line.startswith("... Unschedulable")]
     assert [w.rsplit("(", 1)[1] for w in waits] == ["0s)", "30s)", "60s)"]
+
+
+def test_a_job_queued_by_kueue_says_so_with_its_queue_and_kueues_reason() -> None:
+    """components/kueue: Kueue's webhook created the Job suspended; it waits for quota, then for the DWS
+    ProvisioningRequest of its admission check, then runs."""
+    queued = job(NAME, queue="llama-factory", suspend=True, start=None)
+    no_quota = workload(NAME, ("QuotaReserved", "False", "Pending", "couldn't assign flavors to pod set main: "
+                                "insufficient unused quota for nvidia.com/gpu in flavor default-flavor, 8 more needed"))
+    provisioning = workload(NAME, ("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue "
+                                   "llama-factory"),
+                            ("Admitted", "False", "NoChecks", "The workload has not all checks ready"))
+    cluster = FakeCluster(
+        [queued],
+        [queued, no_quota],
+        [queued, provisioning],
+        [job(NAME, queue="llama-factory"), pod(f"{NAME}-a", NAME)],
+        [job(NAME, queue="llama-factory", complete=True), pod(f"{NAME}-a", NAME, phase="Succeeded", exit_code=0)],
+        logs={f"{NAME}-a": ["step 1"]},
+    )
+    done, text = follow(cluster)
+    assert done
+    waits = [line for line in text.splitlines() if line.startswith("... ")]
+    assert waits == [
+        "... queued (suspended by Kueue): queue llama-factory: Kueue has no Workload for it yet (is Kueue installed, "
+        "and does its LocalQueue exist?) (0s)",
+        "... queued (suspended by Kueue): queue llama-factory: couldn't assign flavors to pod set main: insufficient "
+        "unused quota for nvidia.com/gpu in flavor default-flavor, 8 more needed (2s)",
+        "... queued (suspended by Kueue): queue llama-factory: The workload has not all checks ready (4s)",
+    ]
+    assert f"--- pod {NAME}-a on node gke-gpu-pool-1\nstep 1\n" in text
+
+
+def test_a_job_suspended_by_hand_is_not_called_queued() -> None:
+    cluster = FakeCluster([job(NAME, suspend=True, start=None)], [job(NAME, complete=True)])
+    done, text = follow(cluster)
+    assert done
+    assert "... suspended: spec.suspend is true and no Kueue queue holds it: resume it with kubectl patch (0s)" in text
+    assert "Kueue)" not in text

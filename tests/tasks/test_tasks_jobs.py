@@ -11,10 +11,11 @@ import pytest
 import yaml
 from invoke.exceptions import Exit
 from k8s_fake_cluster import FakeCluster
-from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job
+from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job, local_queue
 
 from k8s_tasks.image import ImageRef
 from k8s_tasks.jobs import default_name, job_from_template, plan_start, validate_name
+from k8s_tasks.overlays import with_components
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -130,6 +131,26 @@ def test_a_multinode_job_needs_its_headless_service(tree: Path) -> None:
         plan_start("multinode", "train", FakeCluster(without), now=NOW, root=tree)
     plan_start("multinode", "merge", FakeCluster(without), now=NOW, root=tree)
     plan_start("multinode", "train", FakeCluster(objects), now=NOW, root=tree)
+
+
+def test_a_queued_job_keeps_its_queue_and_is_refused_without_its_local_queue(tree: Path) -> None:
+    """components/kueue: the Job `invoke train` creates carries its LocalQueue, and Kueue's webhook (not the
+    manifest) suspends it. Without that queue (or without Kueue) it would wait forever: refused before it exists."""
+    kustomization = tree / "overlays/gpu/kustomization.yaml"
+    kustomization.write_text(with_components(kustomization.read_text(), ("kueue",)))
+    objects = deployed("gpu", tree)
+    with pytest.raises(Exit) as raised:
+        plan_start("gpu", "train", FakeCluster(objects), now=NOW, root=tree)
+    assert raised.value.message == (
+        "the train Job is for Kueue LocalQueue llama-factory (KUEUE_QUEUE, components/kueue), which namespace "
+        "llm-training does not have (or Kueue is not installed): it would wait forever. Create the queue "
+        "(`kubectl apply -k docs/kueue/queue` is an example), or remove components/kueue from overlays/gpu")
+    for component in ("train", "merge"):
+        plan, _ = plan_start("gpu", component, FakeCluster(objects + [local_queue("llama-factory")]), now=NOW,
+                             root=tree)
+        created = yaml.safe_load(plan.steps[0].stdin)
+        assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "llama-factory"
+        assert "suspend" not in created["spec"]
 
 
 def test_an_existing_job_name_is_refused(tree: Path) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 import yaml
 from k8s_fake_cluster import FakeCluster
-from k8s_task_objects import config_map, job, pod
+from k8s_task_objects import config_map, job, pod, workload
 
 from k8s_tasks.cluster import KubeCluster
 from k8s_tasks.status import progress_from_logs, render_status
@@ -108,6 +110,36 @@ def test_log_progress_ignores_unrelated_lines() -> None:
     assert (found.current, found.total, found.remaining) == (5, 100, None)
 
 
+def test_a_job_queued_by_kueue_shows_its_queue_and_why() -> None:
+    """components/kueue: one Job waits for quota, one was preempted by a higher priority (Kueue suspended it
+    again), one was suspended by hand."""
+    waiting, preempted, by_hand = "llama-train-20260102-031000", "llama-train-20260102-020000", "llama-merge-x"
+    text = render_status(FakeCluster([
+        job(waiting, queue="team-a", suspend=True, start=None, created="2026-01-02T03:10:00Z"),
+        workload(waiting, ("QuotaReserved", "False", "Pending", "couldn't assign flavors to pod set main: "
+                           "insufficient unused quota for nvidia.com/gpu in flavor default-flavor, 1 more needed")),
+        job(preempted, queue="team-a", suspend=True, retries=0, created="2026-01-02T02:00:00Z"),
+        workload(preempted, ("QuotaReserved", "False", "Pending", ""),
+                 ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: 42) due to "
+                  "prioritization in the ClusterQueue")),
+        job(by_hand, "merge", suspend=True, start=None),
+    ]), NOW)
+    status, why = _cells(text, waiting)[2:4]
+    assert status == "queued (suspended by Kueue)"
+    assert why == ("queue team-a: couldn't assign flavors to pod set main: insufficient unused quota for "
+                   "nvidia.com/gpu in flavor default-flavor, 1 more needed")
+    assert _cells(text, preempted)[2:4] == [
+        "queued (suspended by Kueue)",
+        "queue team-a: Preempted to accommodate a workload (UID: 42) due to prioritization in the ClusterQueue"]
+    assert _cells(text, by_hand)[2:4] == [
+        "suspended", "spec.suspend is true and no Kueue queue holds it: resume it with kubectl patch"]
+
+
+def _cells(text: str, start: str) -> list[str]:
+    """The columns of a table row (separated by two spaces or more)."""
+    return re.split(r"\s{2,}", _line(text, start))
+
+
 def test_an_empty_namespace_says_how_to_start() -> None:
     text = render_status(FakeCluster([]), NOW)
     assert "none: `invoke train --env=...` starts one" in text
@@ -164,3 +196,67 @@ def test_status_reads_the_cluster_of_the_merged_kubeconfig(tmp_path: Path, monke
     assert text.startswith("kube context lab, namespace llm-training\n")
     assert "Complete" in _line(text, "llama-merge-20260101-080000")
     assert "not deployed: `invoke deploy" in text  # the WebUI Deployment: 404
+
+
+KUEUE = "/apis/kueue.x-k8s.io/{version}/namespaces/llm-training/{resource}"
+
+
+class _KueueApi(BaseHTTPRequestHandler):
+    """FAKE Kubernetes API server on 127.0.0.1 with Kueue's CRDs installed: one LocalQueue, one Workload, at the
+    versions OBJECTS holds; every other path answers 404, as an API server without that object, without that
+    version served, or without Kueue does."""
+
+    OBJECTS: dict[str, dict | None] = {}
+    selectors: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        path, _, query = self.path.partition("?")
+        found = self.OBJECTS.get(path)
+        if not found:
+            self.send_error(404)
+            return
+        self.selectors.extend(parse_qs(query).get("labelSelector", []))
+        body = json.dumps(found).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_kueue_objects_are_read_through_the_custom_objects_api(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _KueueApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me"}}],
+        "clusters": [{"name": "lab", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "me", "user": {"token": "t"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    try:
+        cluster = KubeCluster()
+        # Kueue 0.20 and later serve v1beta2 only; releases before 0.15 serve v1beta1 only.
+        for version in ("v1beta2", "v1beta1"):
+            monkeypatch.setattr(_KueueApi, "OBJECTS", {
+                KUEUE.format(version=version, resource="localqueues/team-a"): {
+                    "apiVersion": f"kueue.x-k8s.io/{version}", "kind": "LocalQueue", "metadata": {"name": "team-a"}},
+                KUEUE.format(version=version, resource="workloads"): {
+                    "apiVersion": f"kueue.x-k8s.io/{version}", "kind": "WorkloadList", "metadata": {},
+                    "items": [workload("llama-train-x", ("QuotaReserved", "False", "Pending", "no quota"))]},
+            })
+            _KueueApi.selectors.clear()
+            assert cluster.exists("LocalQueue", "team-a"), version
+            assert not cluster.exists("LocalQueue", "team-b"), version
+            (found,) = cluster.workloads("kueue.x-k8s.io/job-uid=uid-llama-train-x")
+            assert found["status"]["conditions"][0]["message"] == "no quota"
+            assert _KueueApi.selectors == ["kueue.x-k8s.io/job-uid=uid-llama-train-x"]
+        monkeypatch.setattr(_KueueApi, "OBJECTS", {})
+        assert cluster.workloads("kueue.x-k8s.io/job-uid=x") == []  # no Kueue: 404, nothing queued by it
+        assert not cluster.exists("LocalQueue", "team-a")
+    finally:
+        server.shutdown()
