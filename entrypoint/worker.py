@@ -547,19 +547,25 @@ def launch_torchrun(plan: TrainPlan, args: dict[str, Any], nproc: int, mlflow_ru
                     if f and f.get("code")]
     if code == 0 and result.get("code") == 0:
         return result
+    raise torchrun_failure(code, result, failures, sigterm_at, settings.termination_grace_seconds)
+
+
+def torchrun_failure(code: int, result: dict[str, Any], failures: list[dict[str, Any]], sigterm_at: float | None,
+                     grace_seconds: int) -> EntrypointError:
+    """What a failed torchrun means, from its exit code and the ranks' reports."""
     message = result.get("message") or (
         f"torchrun exited with {code} before this node's first process reported: a training process was killed "
         "(host memory: OOMKilled; or NCCL's watchdog, after a collective outlived DDP_TIMEOUT) or lost its peers "
         "on another node; see the log above")
-    grace = max(1.0, settings.termination_grace_seconds - EXIT_MARGIN_SECONDS)
+    grace = max(1.0, grace_seconds - EXIT_MARGIN_SECONDS)
     if sigterm_at is not None:
-        raise Interrupted(message, deadline=sigterm_at + grace)
+        return Interrupted(message, deadline=sigterm_at + grace)
     # The cause before its consequences: a configuration error or a GPU out of memory on any rank (torchrun then
     # stops the others with SIGTERM, and a rank that saved a checkpoint on it reports an interruption).
     for cause_class in (ConfigError, GpuOutOfMemory):
         cause = next((f for f in failures if f["code"] == cause_class.exit_code), None)
         if cause:
-            raise cause_class(cause["message"])
+            return cause_class(cause["message"])
     if result.get("code") == ExitCode.INTERRUPTED:
-        raise Interrupted(message, deadline=time.monotonic() + grace)
-    raise EntrypointError(message)
+        return Interrupted(message, deadline=time.monotonic() + grace)
+    return EntrypointError(message)

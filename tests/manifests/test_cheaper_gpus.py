@@ -197,6 +197,17 @@ def _pod_environment(docs: list[dict], component: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.parametrize("case", [(env, ()) for env in ENVS] + ALL, ids=_ids)
+def test_each_job_counts_on_exactly_the_grace_period_its_pod_gets(case: tuple[str, tuple[str, ...]],
+                                                                 combination_docs: dict, docs: dict) -> None:
+    """After SIGTERM the entrypoint saves, reports and exits within TERMINATION_GRACE_SECONDS: more than the pod's
+    terminationGracePeriodSeconds and the kubelet kills it mid-save; less and it skips a save it had time for."""
+    rendered = combination_docs[combination_name(*case)] if case[1] else docs[case[0]]
+    for component in ("train", "merge"):
+        grace = _pod(rendered, component)["terminationGracePeriodSeconds"]
+        assert int(_pod_environment(rendered, component)["TERMINATION_GRACE_SECONDS"]) == grace, component
+
+
 @pytest.mark.parametrize("case", SPOT_CASES, ids=_ids)
 def test_on_spot_training_saves_every_ten_minutes_and_a_full_run_starts_no_save_it_cannot_finish(
         case: tuple[str, tuple[str, ...]], combination_docs: dict) -> None:
