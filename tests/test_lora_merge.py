@@ -333,6 +333,49 @@ def test_truncated_shard_names_the_file(tmp_path: Path, good: tuple[Path, Path])
     assert str(shard) in message and "truncated" in message
 
 
+def open_files() -> set[str]:
+    links = (f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd"))
+    return {os.readlink(link) for link in links if os.path.exists(link)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files in /proc")
+@pytest.mark.parametrize("where", ["disk full while the writer thread writes", "error while computing a tensor"])
+def test_a_failure_mid_merge_stops_every_thread_and_closes_every_file(
+    tmp_path: Path, good: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Writes and fsyncs run in threads of their own while the next tensor is computed: a failure on either
+    side reaches the caller, and nothing keeps running on (or holding) the files afterwards."""
+    import errno
+    import threading
+
+    import entrypoint.lora_merge as lora_merge
+
+    base, adapter = good
+    calls = {"n": 0}
+
+    def failing(real, kind):
+        def call(*args):
+            calls["n"] += 1
+            if calls["n"] == 8:  # the third of four shards: the second's fsync may still be running
+                raise kind()
+            return real(*args)
+        return call
+
+    if where.startswith("disk full"):
+        monkeypatch.setattr(lora_merge, "write_all", failing(lora_merge.write_all,
+                                                             lambda: OSError(errno.ENOSPC, "No space left")))
+        expected: type[Exception] = OSError
+    else:
+        monkeypatch.setattr(lora_merge, "_merged", failing(lora_merge._merged, lambda: RuntimeError("boom")))
+        expected = RuntimeError
+    before = open_files()
+    with pytest.raises(expected):
+        merged(base, adapter, tmp_path / "out")
+    assert calls["n"] >= 8
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("merge-")]
+    assert not {f for f in open_files() - before if str(tmp_path) in f or str(base) in f or str(adapter) in f}
+
+
 @pytest.mark.parametrize(("missing", "expected"), [
     ("adapter_model.safetensors", "has no adapter_model.safetensors"),
     ("adapter_config.json", "has no adapter_config.json: expected a PEFT LoRA adapter"),
