@@ -21,7 +21,9 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -154,14 +156,31 @@ def merge_adapter(
     bytes_total = sum(shard.data_bytes for shard in base.shards)
     bytes_done = 0
     scratch = _Scratch()
+
+    def on_disk(number: int, fsynced: Future[Future[None]]) -> None:
+        nonlocal bytes_done
+        writer.wait(fsynced)
+        fsynced.result().result()
+        shard = base.shards[number - 1]
+        bytes_done += shard.data_bytes
+        if progress is not None:
+            progress(MergeProgress(number, len(base.shards), shard.path.name, bytes_done, bytes_total))
+
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_one_torch_thread())
         adapter = stack.enter_context(_TensorReader(plan.header)) if plan.header else None
+        writer = stack.enter_context(_Writer())
+        previous: tuple[int, Future[Future[None]]] | None = None
         for number, shard in enumerate(base.shards, start=1):
             untie = plan.untie if plan.untie is not None and plan.untie.shard == shard.path.name else None
-            _write_shard(shard, out_dir / shard.path.name, plan.updates, adapter, scratch, untie)
-            bytes_done += shard.data_bytes
-            if progress is not None:
-                progress(MergeProgress(number, len(base.shards), shard.path.name, bytes_done, bytes_total))
+            fsynced = _write_shard(shard, out_dir / shard.path.name, plan.updates, adapter, scratch, writer, untie)
+            # A shard's fsync overlaps the next shard's writes, never more; it counts as written once on disk.
+            if previous is not None:
+                on_disk(*previous)
+            previous = (number, fsynced)
+        if previous is not None:
+            on_disk(*previous)
+        writer.wait()
     if base.index is not None:
         _write_index(base, out_dir, plan.untie)
     trained = adapter_dir if adapter_dir is not None else base_dir
@@ -402,15 +421,36 @@ def _plan_bias(
     updates.setdefault(target, _Update()).bias_delta = (bias.name, scale)
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Each operation of the merge streams one tensor through memory once: more threads barely speed it up,
+    and every parallel operation waits at a barrier for all of them. torch starts one thread per core of the
+    node, not of the Job's CPU limit, so under a quota or beside other work the barriers cost more than the
+    arithmetic: the 799 MB benchmark merge took 17 s with 2 threads on 2 busy cores, 2-4 s with one.
+    B @ A is the same bit for bit whatever the thread count (tests/test_lora_merge.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Scratch:
     """Buffers reused for every tensor of the merge.
 
-    Memory stays at one tensor's worth for the whole run instead of growing with allocator
+    Memory stays at a few tensors' worth for the whole run instead of growing with allocator
     fragmentation, and the pages are faulted in once rather than once per tensor.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._turn = 0
+
+    def weight(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """One of two buffers in turn: the writer may still be writing the previous tensor from the other."""
+        self._turn ^= 1
+        return self.tensor(f"weight{self._turn}", shape, dtype)
 
     def tensor(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
@@ -421,7 +461,7 @@ class _Scratch:
 
 
 class _TensorReader:
-    """Reads single tensors of one safetensors file."""
+    """Reads single tensors of one safetensors file; `close` or the context closes it."""
 
     def __init__(self, header: FileHeader) -> None:
         self.header = header
@@ -432,6 +472,9 @@ class _TensorReader:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._file.close()
 
     def fileno(self) -> int:
@@ -453,43 +496,111 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
+class _Writer:
+    """Appends to the output shards from a thread of its own, in the order asked, while the caller computes
+    the next tensor: copying into the page cache overlaps the arithmetic (the Job has two CPUs: one for
+    torch, one for this), and a third thread waits for each shard's fsync while the next shard is written.
+    One merged tensor at most waits to be written, so memory grows by one tensor, not by a shard. Leaving
+    the context waits for every write and fsync: no file is closed under them."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
+        self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-fsync")
+        self._queued: list[Future[Any]] = []
+        self._tensor: Future[None] | None = None
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._sync.shutdown(wait=True)
+
+    def submit(self, call: Callable[..., Any], *args: object) -> Future[Any]:
+        future = self._pool.submit(call, *args)
+        self._queued.append(future)
+        return future
+
+    def write_tensor(self, fd: int, tensor: torch.Tensor, entry: TensorEntry) -> None:
+        data = _bytes_of(tensor.contiguous())
+        if data.nbytes != entry.nbytes:
+            raise RuntimeError(f"merged {entry.name} has {data.nbytes} bytes, expected {entry.nbytes}")
+        if self._tensor is not None:
+            self._tensor.result()
+        self._tensor = self.submit(write_all, fd, data)
+
+    def finish(self, out: int, src: _TensorReader) -> Future[Future[None]]:
+        """After the writes asked so far: fsync `out` in the other thread, then close both files."""
+        return self.submit(self._sync.submit, _finish_shard, out, src)
+
+    def wait(self, until: Future[Any] | None = None) -> None:
+        """Wait for the writes up to `until` (all when None); raise the first that failed."""
+        while self._queued:
+            future = self._queued.pop(0)
+            future.result()
+            if future is until:
+                return
+
+    def settle(self) -> None:
+        """Wait for every write, failed or not: nothing runs on the files afterwards."""
+        for future in self._queued:
+            future.exception()
+
+
 def _write_shard(
     shard: FileHeader,
     dest: Path,
     updates: dict[str, _Update],
     adapter: _TensorReader | None,
     scratch: _Scratch,
+    writer: _Writer,
     untie: _Untie | None = None,
-) -> None:
+) -> Future[Future[None]]:
     """Rewrite one shard with the same layout (plus an untied lm_head at its end); untouched tensors never
-    enter Python."""
+    enter Python. Returns the future of the future of its fsync."""
     entries = shard.entries
     if untie is not None:
         source = shard.by_name()[untie.source]
         end = entries[-1].end if entries else 0
         entries = (*entries, dataclasses.replace(source, name=OUTPUT_EMBEDDING, start=end, end=end + source.nbytes))
-    with _TensorReader(shard) as src, open(dest, "xb", buffering=0) as out:
-        write_all(out.fileno(), encode_header(entries, SHARD_METADATA))
+    src = _TensorReader(shard)
+    try:
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except BaseException:
+        src.close()
+        raise
+    try:
+        writer.submit(write_all, out, encode_header(entries, SHARD_METADATA))
         for entry in shard.entries:
             update = updates.get(entry.name)
             if update is None or adapter is None:
-                copy_range(src.fileno(), out.fileno(), shard.data_start + entry.start, entry.nbytes)
+                writer.submit(copy_range, src.fileno(), out, shard.data_start + entry.start, entry.nbytes)
                 continue
-            _write_tensor(out.fileno(), _merged(src, entry, update, adapter, scratch), entry)
+            writer.write_tensor(out, _merged(src, entry, update, adapter, scratch), entry)
         if untie is not None:
             source = shard.by_name()[untie.source]
             if adapter is None or untie.update == _Update():
-                copy_range(src.fileno(), out.fileno(), shard.data_start + source.start, source.nbytes)
+                writer.submit(copy_range, src.fileno(), out, shard.data_start + source.start, source.nbytes)
             else:
-                _write_tensor(out.fileno(), _merged(src, source, untie.update, adapter, scratch), source)
-        os.fsync(out.fileno())
+                writer.write_tensor(out, _merged(src, source, untie.update, adapter, scratch), source)
+    except BaseException:
+        writer.settle()
+        os.close(out)
+        src.close()
+        raise
+    return writer.finish(out, src)
 
 
-def _write_tensor(fd: int, tensor: torch.Tensor, entry: TensorEntry) -> None:
-    data = _bytes_of(tensor.contiguous())
-    if data.nbytes != entry.nbytes:
-        raise RuntimeError(f"merged {entry.name} has {data.nbytes} bytes, expected {entry.nbytes}")
-    write_all(fd, data)
+def _finish_shard(out: int, src: _TensorReader) -> None:
+    try:
+        os.fsync(out)
+    finally:
+        os.close(out)
+        src.close()
 
 
 def _merged(
@@ -501,7 +612,7 @@ def _merged(
         weight = adapter.read(update.replacement).to(dtype)
     else:
         # Read into a reused buffer and update it in place: no allocation, one pass less per tensor.
-        weight = src.read(entry.name, scratch.tensor("weight", entry.shape, dtype))
+        weight = src.read(entry.name, scratch.weight(entry.shape, dtype))
     if update.lora is not None:
         a_key, b_key, scale, transpose = update.lora
         a, b = adapter.read(a_key), adapter.read(b_key)
@@ -512,13 +623,26 @@ def _merged(
         if transpose:
             delta = delta.T
         delta *= scale
-        # peft's merge: `weight.data += delta`. An in-place add computes in the promoted dtype (float32
-        # for a bf16/fp16 weight) and rounds once to the weight's dtype.
-        weight += delta
+        _add_into(weight, delta)
     if update.bias_delta is not None:
         key, scale = update.bias_delta
         weight += adapter.read(key) * scale
     return weight
+
+
+def _add_into(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """peft's merge, `weight.data += delta`: the sum in the promoted dtype (float32 for a bf16/fp16 weight),
+    rounded once to the weight's dtype. `delta` is scratch: it may hold the sum afterwards."""
+    mixed = weight.dtype != delta.dtype and torch.promote_types(weight.dtype, delta.dtype) == delta.dtype
+    if mixed and delta.is_contiguous():
+        # The same sum, operands in the same order, written into the float32 delta and rounded once by the
+        # copy back: torch's mixed-dtype in-place add converts element by element and costs several times
+        # the vectorised pair (it was most of a bf16 merge's time). A transposed delta (embeddings,
+        # fan_in_fan_out) keeps torch's own add: its strided rounding writes NaN differently.
+        torch.add(weight, delta, out=delta)
+        weight.copy_(delta)
+    else:
+        weight += delta
 
 
 def _write_index(base: BaseModel, out_dir: Path, untie: _Untie | None) -> None:

@@ -32,7 +32,7 @@ from merge_helpers import (
 from safetensors.torch import load_file, save_file
 
 from entrypoint.errors import ConfigError, ExitCode
-from entrypoint.lora_merge import MergeProgress, merge_adapter
+from entrypoint.lora_merge import MergeProgress, _add_into, merge_adapter
 from entrypoint.vllm_lora import check_vllm_lora, vllm_lora_instructions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +106,34 @@ def test_merge_is_bit_identical_to_peft(tmp_path: Path, case: str) -> None:
             changed.add(name)
     assert {".".join(name.split(".")[-2:]) for name in changed} == set(expect_changed)
     assert result.tensors_merged == len(changed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_update_rounds_like_peft_for_every_weight_value(dtype: torch.dtype) -> None:
+    """The merge adds the float32 update through a float32 sum and a copy back (much faster than torch's
+    mixed-dtype in-place add); PEFT's `weight.data += delta` is the reference, bit for bit, on every 16-bit
+    weight value against updates that round to ties, overflow, vanish, cancel, and NaN with other payloads."""
+    weights = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    as_float = weights.float()
+    ulp = (torch.nextafter(weights, torch.tensor(float("inf"), dtype=dtype)).float() - as_float).nan_to_num(0)
+    torch.manual_seed(0)
+    updates = [torch.randn(weights.shape) * scale for scale in (1e-4, 1e-2, 1.0, 1e3)]
+    updates += [ulp / 2, -ulp / 2, ulp * 1.5, -as_float, as_float * 2.0**100, torch.full(weights.shape, 1e-40)]
+    updates += [torch.full(weights.shape, value) for value in (float("inf"), -float("inf"), -0.0, 0.0)]
+    updates += [torch.full(weights.shape, float("nan")), -torch.full(weights.shape, float("nan"))]
+    for number, update in enumerate(updates):
+        reference = weights.clone()
+        reference += update
+        ours = weights.clone()
+        _add_into(ours, update.clone())
+        assert torch.equal(ours.view(torch.int16), reference.view(torch.int16)), number
+        # A transposed update (embeddings, fan_in_fan_out) takes the same path through a strided view.
+        grid = weights.view(256, 256)
+        reference = grid.clone()
+        reference += update.view(256, 256).T
+        ours = grid.clone()
+        _add_into(ours, update.view(256, 256).clone().T)
+        assert torch.equal(ours.view(torch.int16), reference.view(torch.int16)), number
 
 
 # Tied embeddings (Qwen2.5 0.5-3B, Llama 3.2): the base stores no lm_head. An adapter that changes the input
@@ -303,6 +331,49 @@ def test_truncated_shard_names_the_file(tmp_path: Path, good: tuple[Path, Path])
     os.truncate(shard, shard.stat().st_size - 100)
     message = refused(base, adapter, tmp_path / "out")
     assert str(shard) in message and "truncated" in message
+
+
+def open_files() -> set[str]:
+    links = (f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd"))
+    return {os.readlink(link) for link in links if os.path.exists(link)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files in /proc")
+@pytest.mark.parametrize("where", ["disk full while the writer thread writes", "error while computing a tensor"])
+def test_a_failure_mid_merge_stops_every_thread_and_closes_every_file(
+    tmp_path: Path, good: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Writes and fsyncs run in threads of their own while the next tensor is computed: a failure on either
+    side reaches the caller, and nothing keeps running on (or holding) the files afterwards."""
+    import errno
+    import threading
+
+    import entrypoint.lora_merge as lora_merge
+
+    base, adapter = good
+    calls = {"n": 0}
+
+    def failing(real, kind):
+        def call(*args):
+            calls["n"] += 1
+            if calls["n"] == 8:  # the third of four shards: the second's fsync may still be running
+                raise kind()
+            return real(*args)
+        return call
+
+    if where.startswith("disk full"):
+        monkeypatch.setattr(lora_merge, "write_all", failing(lora_merge.write_all,
+                                                             lambda: OSError(errno.ENOSPC, "No space left")))
+        expected: type[Exception] = OSError
+    else:
+        monkeypatch.setattr(lora_merge, "_merged", failing(lora_merge._merged, lambda: RuntimeError("boom")))
+        expected = RuntimeError
+    before = open_files()
+    with pytest.raises(expected):
+        merged(base, adapter, tmp_path / "out")
+    assert calls["n"] >= 8
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("merge-")]
+    assert not {f for f in open_files() - before if str(tmp_path) in f or str(base) in f or str(adapter) in f}
 
 
 @pytest.mark.parametrize(("missing", "expected"), [
