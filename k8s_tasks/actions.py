@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +73,8 @@ def start(component: str, *, env: str | None, name: str | None, tag: str | None,
     env = check_env(env)
     require_tool("kubectl")
     cluster = KubeCluster()
-    plan, job = plan_start(env, component, cluster, now=datetime.now(UTC), name=name, tag=tag)
+    plan, job = plan_start(env, component, cluster, now=datetime.now(UTC), name=name, tag=tag,
+                           region=os.environ.get("REGION"))
     run_plan(plan, dry_run=dry_run, show_stdin=dry_run)
     if dry_run:
         return
