@@ -29,6 +29,13 @@ COMMAND = ["python", "-m", "entrypoint", "probe"]
 RESOURCES = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 SHM_VOLUME = "dshm"
 CHECKOV_SKIP = "checkov.io/skip"
+# checkov asks every Pod for health probes; a pod that runs one command to completion serves nothing to be ready
+# for, and its deadline, not a liveness probe, bounds it.
+PROBE_SKIPS = {
+    "checkov.io/skip8": "CKV_K8S_8=runs one check to completion in seconds and serves nothing; activeDeadlineSeconds "
+                        "bounds it where a liveness probe would restart it",
+    "checkov.io/skip9": "CKV_K8S_9=runs one check to completion and serves nothing: there is no readiness to report",
+}
 
 
 def probe_name(now: datetime) -> str:
@@ -55,7 +62,6 @@ def probe_pod(job: dict[str, Any], name: str, *, deadline_seconds: int) -> dict[
     # The checkov skips of the Job apply to its container, which the probe's is: the same image reference and the
     # same Secret in its environment.
     annotations = {k: v for k, v in (job["metadata"].get("annotations") or {}).items() if k.startswith(CHECKOV_SKIP)}
-    metadata = {"name": name, "namespace": job["metadata"].get("namespace", NAMESPACE), "labels": labels}
-    if annotations:
-        metadata["annotations"] = annotations
+    metadata = {"name": name, "namespace": job["metadata"].get("namespace", NAMESPACE), "labels": labels,
+                "annotations": {**annotations, **PROBE_SKIPS}}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
