@@ -74,7 +74,16 @@ def admin_manifests(image: str, server: str, path: str, dirs: list[str], *, recu
         variable["value"] = values.get(variable["name"], variable["value"])
     (volume,) = pod["volumes"]
     volume["nfs"] = {"server": server, "path": path}
-    return docs
+    # The Job last: its pod starts with the namespace's default-deny policy already in place.
+    return sorted(docs, key=lambda doc: doc["kind"] == "Job")
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the Job's script) as YAML blocks: what a reviewer reads under --dry-run."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 def plan_prepare_storage(env: str, cluster: Cluster, *, recursive: bool = False, root: Path = REPO) -> Plan:
@@ -86,7 +95,7 @@ def plan_prepare_storage(env: str, cluster: Cluster, *, recursive: bool = False,
     docs = admin_manifests(identity.image, server, path, dirs, recursive=recursive, root=root)
     where = ("-n", ADMIN_NAMESPACE, f"job/{JOB}")
     steps = [
-        Command(("kubectl", "apply", "-f", "-"), yaml.safe_dump_all(docs, sort_keys=False),
+        Command(("kubectl", "apply", "-f", "-"), yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False),
                 f"namespace {ADMIN_NAMESPACE}, its default-deny policy, Job {JOB} (root)"),
         # Waits for the pod to run (pulling the image included), then shows what it did until it ends.
         Command(("kubectl", "logs", "--follow", f"--pod-running-timeout={LOGS_TIMEOUT}", *where)),
