@@ -228,7 +228,7 @@ def cost_note(env: str, job: dict[str, Any], region: str | None) -> str:
     shape, price = job_estimate(env, job, region)
     machines = " or ".join(training_machines(env))
     cost = price.describe() if price is not None else "no list price for it in k8s_tasks/prices.py"
-    return f"shape: {shape.describe()}; sized for {machines}; {cost}, while it runs (plus waiting for a node)"
+    return f"shape: {shape.describe()}; sized for {machines}; {cost} while it runs"
 
 
 def _config_map_of(job: dict[str, Any]) -> str:
