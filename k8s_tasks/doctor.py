@@ -126,12 +126,15 @@ def _checks(env: str, connect: Callable[[], Cluster], probe: bool, timeout: floa
         yield Check("unknown", "other checks", "skipped: they all need the API server")
         return
     job = one(render_overlay(env, root=root), "Job", "train")
-    nodes_check, pool = gpu_nodes_check(env, job, cluster)
+    nodes_check, pool = _safely("GPU nodes", lambda: gpu_nodes_check(env, job, cluster), None)
     yield nodes_check
-    yield network_policy_check(cluster)
-    namespaced = [namespace_check(cluster, env), secret_check(cluster, env), storage_check(cluster, env, job)]
+    yield _safely("network policies", lambda: (network_policy_check(cluster), None), None)[0]
+    namespaced = [_safely(title, lambda check=check: (check(cluster, env), None), None)[0] for title, check in (
+        (f"namespace {NAMESPACE}", namespace_check), (f"Secret {SECRET}", secret_check),
+        ("storage claim", lambda c, e: storage_check(c, e, job)))]
     yield from namespaced
-    template_check, template = configuration_check(cluster, env, root)
+    template_check, template = _safely("deployed configuration", lambda: configuration_check(cluster, env, root),
+                                       None)
     yield template_check
     if not probe:
         yield Check("unknown", "probe pod", "not started (--no-probe): storage, model, data and MLflow unchecked")
@@ -145,6 +148,14 @@ def _checks(env: str, connect: Callable[[], Cluster], probe: bool, timeout: floa
         for check in relayed:
             report(check, "  ")
     yield cost_check(env, job, pool)
+
+
+def _safely(title: str, check: Callable[[], tuple[Check, Any]], fallback: Any) -> tuple[Check, Any]:
+    """A check's result, or its line when the API server stopped answering halfway (never a traceback)."""
+    try:
+        return check()
+    except Exit as exc:
+        return Check("fail", title, exc.message, "run the doctor again once the API server answers"), fallback
 
 
 def api_check(cluster: Cluster) -> Check:
@@ -451,11 +462,16 @@ def run_probe(cluster: Cluster, env: str, manifest: dict[str, Any], timeout: flo
     except ApiDenied as exc:
         return Check("fail", title, f"cannot create pods ({exc.status} {exc.reason})",
                      f"ask for `create`, `get`, `delete` on pods and `get` on pods/log in namespace {NAMESPACE}"), []
+    except ApiUnreachable as exc:
+        return Check("fail", title, f"not created: {exc.message}", "run the doctor again once the API server "
+                     "answers"), []
     except Exit as exc:
         return Check("fail", title, f"was refused: {exc.message}", "Pod Security admission or a policy of the "
                      "cluster refused the training pod's template: `kubectl get events -n llm-training`"), []
     try:
         head, relayed = _follow_probe(cluster, env, name, timeout, pace)
+    except Exit as exc:  # the API server stopped answering, or refused a read, while the pod ran
+        head, relayed = Check("fail", title, f"lost sight of it: {exc.message}", "run the doctor again"), []
     finally:
         deleted = _delete(cluster, name)
     return (head if deleted is None else dataclasses.replace(head, status="fail", fix=deleted)), relayed

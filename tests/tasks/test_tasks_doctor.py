@@ -419,3 +419,25 @@ def _event_for_created(cluster: FakeCluster, reason: str, message: str) -> Any:
 
     name = f"llama-probe-{NOW:%Y%m%d-%H%M%S}"
     return model(event("Pod", name, reason, message))
+
+
+def test_an_api_server_that_stops_answering_halfway_gives_lines_not_a_traceback(tree: Path, environ: dict) -> None:
+    class Flaky(FakeCluster):
+        def nodes(self) -> list[Any]:
+            self.unreachable = True  # from here on, every call fails as a dropped connection does
+            return super().nodes()
+
+    cluster = Flaky(healthy("gpu", tree), probe=SUCCEEDS)
+    checks, out = doctor("gpu", cluster, tree, environ)
+    assert failed(checks) == ["GPU nodes", "network policies", "namespace llm-training", "Secret mlflow-config",
+                              "storage claim", "deployed configuration"]
+    assert all("cannot reach the cluster" in c.detail for c in checks if c.status == "fail")
+    assert line(checks, "probe pod").status == "unknown" and cluster.created == []
+
+
+def test_a_probe_whose_pod_cannot_be_read_is_still_deleted(tree: Path, environ: dict) -> None:
+    cluster = FakeCluster(healthy("gpu", tree), probe=SUCCEEDS, denied={"get Pod"})
+    checks, _ = doctor("gpu", cluster, tree, environ)
+    probe_check = line(checks, "probe pod")
+    assert probe_check.status == "fail" and probe_check.detail.startswith("lost sight of it: ")
+    assert len(cluster.created) == 1 and cluster.pods() == []
