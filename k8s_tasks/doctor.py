@@ -235,7 +235,8 @@ def _pools(nodes: list[Any]) -> list[Pool]:
 def pool_command(env: str) -> str:
     """The gcloud command that adds the overlay's training pool (README: Quickstart)."""
     shape = SHAPES[training_machines(env)[0]]
-    return (f"`gcloud container node-pools create gpu-{env} --cluster=CLUSTER --location=ZONE "
+    return (f"`gcloud container node-pools create gpu-{shape.gpu.removeprefix('nvidia-')} --cluster=CLUSTER "
+            "--location=ZONE "
             f"--machine-type={shape.name} --accelerator=type={shape.gpu},count={shape.gpus},"
             "gpu-driver-version=default --node-labels=nvidia.com/gpu=true --num-nodes=1 --enable-autoscaling "
             "--min-nodes=0 --max-nodes=1` (add --spot for Spot VMs)")
