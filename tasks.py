@@ -7,6 +7,7 @@ takes --dry-run and then prints the exact commands it would run. The logic lives
 from invoke import Context, task
 
 from k8s_tasks import actions
+from k8s_tasks.image import DEFAULT_BASE_IMAGE, DEFAULT_TORCH_VARIANT
 
 ENV_HELP = "overlay to use: dev, gpu, prod or multinode (overlays/<env>)"
 DRY_RUN_HELP = "print the exact commands (and files) it would run or write, and change nothing"
@@ -14,11 +15,16 @@ DRY_RUN_HELP = "print the exact commands (and files) it would run or write, and 
 
 @task(help={
     "tag": "image tag (default: the commit, <shortsha> or <shortsha>-dirty)",
+    "builder": "docker (default), or buildah where there is no Docker daemon (`buildah bud --isolation chroot`)",
+    "base-image": f"Debian 12 image with Python 3.11 to build on (default: {DEFAULT_BASE_IMAGE})",
+    "torch-variant": f"torch build: {DEFAULT_TORCH_VARIANT} (default; GKE's GPU drivers), another cuXYZ, "
+                     "or cpu (no GPU)",
     "dry-run": DRY_RUN_HELP,
 })
-def build(c: Context, tag: str | None = None, dry_run: bool = False) -> None:
+def build(c: Context, tag: str | None = None, builder: str = "docker", base_image: str | None = None,
+          torch_variant: str | None = None, dry_run: bool = False) -> None:
     """Build the image (docker/Dockerfile) as <registry>/llama-factory-train:<shortsha>[-dirty]."""
-    actions.build(tag=tag, dry_run=dry_run)
+    actions.build(tag=tag, dry_run=dry_run, builder=builder, base_image=base_image, torch_variant=torch_variant)
 
 
 @task(help={

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from entrypoint.errors import EXIT_MEANINGS, ExitCode, exit_code_for, finish, set_termination_log
+from entrypoint.errors import EXIT_MEANINGS, ExitCode, describe, finish, set_termination_log
 
 # name -> (help, the module whose run(settings) performs it)
 COMMANDS = {
@@ -91,10 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:  # the one place every failure becomes an exit code
         if isinstance(exc, SystemExit):
             raise
-        code = exit_code_for(exc)
+        code, message = describe(exc)
         if code == ExitCode.INTERNAL:
             logging.getLogger("entrypoint").exception("unexpected failure")
-        return finish(code, str(exc) or type(exc).__name__)
+        finish(code, message)
+        if code == ExitCode.INTERRUPTED:
+            # After SIGTERM the grace period runs: no interpreter teardown (libraries' exit handlers, threads
+            # still waiting on a dead server) may delay the exit past it. Everything was saved and reported.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(code))
+        return int(code)
 
 
 def _run_settings_command(command: str, worker_spec: str = "") -> int:

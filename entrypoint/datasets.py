@@ -1,14 +1,17 @@
 """Dataset resolution and validation, before any model or GPU is touched.
 
-LLaMA-Factory drops malformed records with a warning; a 20-hour run on a silently shrunken dataset is
-worse than an error at start. So every record is checked here and an error names file and record.
-The user's DATASET_PATH is only ever read: when it has no dataset_info.json, one is generated in our
-own state directory, pointing at the user's files by absolute path.
+LLaMA-Factory drops malformed records with a warning, and reads only the columns its dataset_info entry
+maps; a 20-hour run on a silently shrunken dataset, or one trained without its system prompts, is worse
+than an error at start. So every record is checked here and an error names file and record (records and
+lines are numbered from 1). The user's DATASET_PATH is only ever read: when it has no dataset_info.json,
+one is generated in our own state directory, pointing at the user's files by absolute path and mapping
+every column the records carry.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,18 @@ DATASET_INFO = "dataset_info.json"
 DATA_SUFFIXES = (".json", ".jsonl")
 MAX_REPORTED = 5
 
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-                  "history": "history"}
+# What LLaMA-Factory 0.9.3 reads (data/parser.py, DatasetAttr): without "columns" in an entry, these defaults;
+# with "columns", exactly the columns named there, every other one unset. Likewise "tags" (ShareGPT roles).
+LF_DEFAULT_COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+                      "sharegpt": {"messages": "conversations"}}
+# Fields a record may carry that LLaMA-Factory reads only when "columns" maps them (column -> the field's
+# usual name): an unmapped one is dropped from every record without a word.
+OPTIONAL_FIELDS = {"alpaca": {"query": "input", "system": "system", "history": "history", "tools": "tools"},
+                   "sharegpt": {"system": "system", "tools": "tools"}}
+# A key of a JSON object, not text inside a string (where a quote is escaped): how the generated entry learns,
+# without parsing a large file, which optional fields the records carry.
+_FIELD_KEY_RE = re.compile(rb'(?<!\\)"(input|system|history|tools)"\s*:')
+_SCAN_CHUNK = 16 << 20
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
@@ -41,21 +54,23 @@ class ResolvedDatasets:
         return {"entries": self.info, "files": self.files}
 
 
-def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, record) for a JSON array file or a JSON Lines file."""
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(4096).lstrip()
+    with open(path, "rb") as fh:
+        head = _decode(path, fh.read(4096), 0, complete=False).lstrip()
     if head.startswith("["):
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(_decode(path, path.read_bytes(), 0))
+        except ValueError as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-        for index, record in enumerate(data):
-            yield f"record {index}", record
+        for number, record in enumerate(data, start=1):
+            yield f"record {number}", record
         return
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    offset = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode(path, raw, offset, lineno)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -67,19 +82,44 @@ def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
                 ) from None
 
 
+def _decode(path: Path, raw: bytes, offset: int, lineno: int | None = None, complete: bool = True) -> str:
+    """UTF-8 text, or a ConfigError naming the file, the byte offset and the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8") if complete else raw.decode("utf-8", errors="ignore")
+    except UnicodeDecodeError as exc:
+        where = offset + exc.start
+        line = lineno if lineno is not None else raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: byte {where} (line {line}) is {raw[exc.start]:#04x}, not UTF-8: datasets must "
+                          "be UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
+
+
+def _carries(record: dict[str, Any], field: str) -> bool:
+    """The record has something in this field (an empty string or list would lose nothing)."""
+    value = record.get(field)
+    return value is not None and value != "" and value != []
+
+
+def _unmapped_problem(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> str | None:
+    for column, field in OPTIONAL_FIELDS[fmt].items():
+        if not columns.get(column) and _carries(record, field):
+            return (f"field '{field}' would be dropped: the {DATASET_INFO} entry's \"columns\" do not map "
+                    f"\"{column}\" (add \"{column}\": \"{field}\" to them)")
+    return None
 
 
 def _alpaca_problem(record: Any, columns: dict[str, str]) -> str | None:
     if not isinstance(record, dict):
         return f"must be a JSON object, got {type(record).__name__}"
-    prompt, response = columns.get("prompt", "instruction"), columns.get("response", "output")
+    prompt, response = columns["prompt"], columns["response"]
     if not _nonempty_str(record.get(prompt)):
         return f"field '{prompt}' must be a non-empty string"
     if not _nonempty_str(record.get(response)):
         return f"field '{response}' must be a non-empty string"
-    for key in ("query", "system"):
+    for key in ("query", "system", "tools"):
         col = columns.get(key)
         if col and record.get(col) is not None and not isinstance(record.get(col), str):
             return f"field '{col}' must be a string"
@@ -90,38 +130,43 @@ def _alpaca_problem(record: Any, columns: dict[str, str]) -> str | None:
         and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history)
     ):
         return f"field '{history_col}' must be a list of [question, answer] string pairs"
-    return None
+    return _unmapped_problem(record, "alpaca", columns)
 
 
-def _sharegpt_problem(record: Any, columns: dict[str, str], tags: dict[str, str]) -> str | None:
+def _sharegpt_problem(record: Any, columns: dict[str, str], tags: dict[str, str | None]) -> str | None:
     if not isinstance(record, dict):
         return f"must be a JSON object, got {type(record).__name__}"
-    col = columns.get("messages", "conversations")
+    col = columns["messages"]
     turns = record.get(col)
     if not isinstance(turns, list) or not turns:
         return f"field '{col}' must be a non-empty list of messages"
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
-    if turns and isinstance(turns[0], dict) and turns[0].get(role_tag) == tags["system_tag"]:
-        turns = turns[1:]
-    user_like = {tags["user_tag"], tags["observation_tag"]}
-    assistant_like = {tags["assistant_tag"], tags["function_tag"]}
+    first = 1  # messages are numbered from 1 as they appear in the record
+    if tags["system_tag"] and isinstance(turns[0], dict) and turns[0].get(role_tag) == tags["system_tag"]:
+        turns, first = turns[1:], 2
+    user_like = {t for t in (tags["user_tag"], tags["observation_tag"]) if t}
+    assistant_like = {t for t in (tags["assistant_tag"], tags["function_tag"]) if t}
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get(content_tag), str):
-            return f"message {i} must be an object with a string '{content_tag}'"
+            return f"message {first + i} must be an object with a string '{content_tag}'"
         expected = user_like if i % 2 == 0 else assistant_like
         if turn.get(role_tag) not in expected:
             return (
-                f"message {i} has {role_tag}={turn.get(role_tag)!r}; expected one of {sorted(expected)} "
+                f"message {first + i} has {role_tag}={turn.get(role_tag)!r}; expected one of {sorted(expected)} "
                 "(turns alternate user, assistant, after an optional system message)"
             )
     if len(turns) % 2 != 0:
         return "the conversation must end with an assistant message"
-    return None
+    for key in ("system", "tools"):
+        value = record.get(columns[key]) if columns.get(key) else None
+        if value is not None and not isinstance(value, str):
+            return f"field '{columns[key]}' must be a string"
+    return _unmapped_problem(record, "sharegpt", columns)
 
 
 def detect_format(path: Path) -> tuple[str, dict[str, Any]]:
     """Guess alpaca / sharegpt / openai-style messages from the first record."""
-    for location, record in _iter_records(path):
+    for location, record in iter_records(path):
         if isinstance(record, dict):
             if isinstance(record.get("conversations"), list):
                 return "sharegpt", {"formatting": "sharegpt", "columns": {"messages": "conversations"}}
@@ -137,15 +182,36 @@ def detect_format(path: Path) -> tuple[str, dict[str, Any]]:
     raise ConfigError(f"{path}: contains no records")
 
 
+def fields_present(path: Path) -> set[str]:
+    """Which of input/system/history/tools occur as keys in the file: one pass over its bytes, no parsing
+    (the plan runs on the skip path too). A false hit cannot pass unnoticed: validate_records refuses a
+    mapped column that no record has."""
+    found: set[str] = set()
+    tail = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_SCAN_CHUNK):
+            found.update(m.group(1).decode() for m in _FIELD_KEY_RE.finditer(tail + chunk))
+            tail = chunk[-64:]
+    return found
+
+
 def _entry_for_file(path: Path, forced: str) -> dict[str, Any]:
+    """The generated dataset_info entry: the format, and a column for every optional field the records carry
+    (without "columns" LLaMA-Factory would read no system prompt, history or tools) and none they lack. Plain
+    records keep the bare entry, so their run's fingerprint is what it always was."""
     if forced == "alpaca":
-        return {"file_name": str(path)}
-    if forced == "sharegpt":
+        fmt, extra = "alpaca", {}
+    else:
         fmt, extra = detect_format(path)
-        if fmt != "sharegpt":
-            extra = {"formatting": "sharegpt", "columns": {"messages": "conversations"}}
-        return {"file_name": str(path), **extra}
-    _, extra = detect_format(path)
+        if forced == "sharegpt" and fmt != "sharegpt":
+            fmt, extra = "sharegpt", {"formatting": "sharegpt", "columns": {"messages": "conversations"}}
+    present = fields_present(path)
+    read = extra.get("columns") or LF_DEFAULT_COLUMNS[fmt]
+    columns = {**read, **{c: f for c, f in OPTIONAL_FIELDS[fmt].items() if f in present}}
+    if fmt == "alpaca" and "input" not in present:
+        del columns["query"]  # read by default, and LLaMA-Factory fails on a column no record has
+    if columns != read:
+        extra["columns"] = columns
     return {"file_name": str(path), **extra}
 
 
@@ -177,18 +243,39 @@ def entry_files(name: str, entry: Any, dataset_dir: Path) -> list[Path]:
     return files
 
 
+def read_columns(name: str, entry: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, str | None]]:
+    """The format, columns and ShareGPT tags LLaMA-Factory will read for this entry, as its DatasetAttr.join
+    reads them; an entry that would read no instruction, answer or messages is refused."""
+    fmt = entry.get("formatting", "alpaca")
+    columns = entry.get("columns", LF_DEFAULT_COLUMNS[fmt])
+    tags = entry.get("tags", SHAREGPT_TAGS)
+    for what, value in (("columns", columns), ("tags", tags)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{DATASET_INFO}: entry {name!r}: \"{what}\" must be an object")
+    needed = ("prompt", "response") if fmt == "alpaca" else ("messages",)
+    missing = [c for c in needed if not columns.get(c)]
+    if missing:
+        defaults = LF_DEFAULT_COLUMNS[fmt]
+        raise ConfigError(
+            f"{DATASET_INFO}: entry {name!r}: \"columns\" maps no {', '.join(repr(c) for c in missing)}; with "
+            "\"columns\" LLaMA-Factory reads only the columns named there: add "
+            + ", ".join(f'"{c}": "{defaults.get(c, c)}"' for c in needed if c in missing)
+        )
+    return fmt, dict(columns), {tag: tags.get(tag) for tag in SHAREGPT_TAGS}
+
+
 def validate_records(name: str, entry: dict[str, Any], dataset_dir: Path) -> None:
     """Check every record of one dataset; the error names the file and the record."""
-    formatting = entry.get("formatting", "alpaca")
-    columns = dict(ALPACA_COLUMNS) if formatting == "alpaca" else {"messages": "conversations"}
-    columns.update(entry.get("columns") or {})
-    tags = dict(SHAREGPT_TAGS)
-    tags.update(entry.get("tags") or {})
-    for path in entry_files(name, entry, dataset_dir):
+    files = entry_files(name, entry, dataset_dir)  # also checks the entry's formatting
+    formatting, columns, tags = read_columns(name, entry)
+    keys: set[str] = set()
+    for path in files:
         problems: list[str] = []
         count = 0
-        for location, record in _iter_records(path):
+        for location, record in iter_records(path):
             count += 1
+            if isinstance(record, dict):
+                keys.update(record)
             problem = (
                 _alpaca_problem(record, columns) if formatting == "alpaca"
                 else _sharegpt_problem(record, columns, tags)
@@ -203,6 +290,16 @@ def validate_records(name: str, entry: dict[str, Any], dataset_dir: Path) -> Non
             )
         if count == 0:
             raise ConfigError(f"{path}: contains no records")
+    # LLaMA-Factory stops with a KeyError on a column it reads that no record has.
+    absent = [f for f in columns.values() if f and f not in keys]
+    if absent:
+        how = "its \"columns\" map" if "columns" in entry else "LLaMA-Factory reads by default"
+        where = files[0] if len(files) == 1 else files[0].parent
+        raise ConfigError(
+            f"{where}: no record has the field(s) {', '.join(map(repr, sorted(absent)))}, which dataset "
+            f"{name!r} reads ({how}) and LLaMA-Factory would fail on: add the field(s) to the records or "
+            f"leave them out of the {DATASET_INFO} entry's \"columns\""
+        )
 
 
 def validate(resolved: ResolvedDatasets, dataset_path: Path) -> None:

@@ -6,15 +6,16 @@ tested without a model or a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from entrypoint.files import read_json
-from entrypoint.storage import MARKER, RUN_FILE, STATE_DIR
+from entrypoint.storage import MARKER, RUN_FILE, STATE_DIR, LockInfo, checkpoint_problem, lock_path_for
 
 if TYPE_CHECKING:
     from entrypoint.plan import TrainPlan
@@ -33,11 +34,13 @@ class Action(enum.Enum):
 @dataclass(frozen=True)
 class OutputState:
     exists: bool = False
-    empty: bool = True
+    empty: bool = True  # nothing in it but, at most, our own state directory without a run record
+    is_file: bool = False
     marker: dict[str, Any] | None = None
     run: dict[str, Any] | None = None  # our run.json: started fingerprint, MLflow run id
     checkpoints: tuple[int, ...] = ()  # complete ones, ascending
     incomplete_checkpoints: tuple[int, ...] = ()
+    locked_by: str | None = None  # the owner of a live lock on the output: a run in progress
 
 
 @dataclass(frozen=True)
@@ -51,30 +54,29 @@ class Decision:
 
 
 def checkpoint_complete(path: Path) -> bool:
-    """transformers writes trainer_state.json after the weights and optimizer: its presence, parsed
-    whole, means the checkpoint was finished."""
-    try:
-        json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
+    """Every file of the checkpoint as the training process recorded it once saved (storage.CHECKPOINT_RECORD)."""
+    return checkpoint_problem(path) is None
 
 
 def observe_output(output: Path) -> OutputState:
     if not output.is_dir():
-        return OutputState(exists=output.exists(), empty=not output.exists())
+        exists = output.exists() or output.is_symlink()
+        return OutputState(exists=exists, empty=not exists, is_file=exists)
     entries = [p for p in output.iterdir()]
     state = output / STATE_DIR
+    marker, run = read_json(state / MARKER), read_json(state / RUN_FILE)
     complete, incomplete = [], []
     for entry in entries:
         match = CHECKPOINT_RE.match(entry.name)
         if match and entry.is_dir():
             (complete if checkpoint_complete(entry) else incomplete).append(int(match.group(1)))
+    holder = LockInfo.parse(read_json(lock_path_for(output)))
     return OutputState(
+        locked_by=holder.owner if holder is not None and holder.expires_at > time.time() else None,
         exists=True,
-        empty=not entries,
-        marker=read_json(state / MARKER),
-        run=read_json(state / RUN_FILE),
+        empty=all(e.name == STATE_DIR for e in entries) and marker is None and run is None,
+        marker=marker,
+        run=run,
         checkpoints=tuple(sorted(complete)),
         incomplete_checkpoints=tuple(sorted(incomplete)),
     )
@@ -95,6 +97,9 @@ def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, 
 
 
 def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, replace: bool) -> Decision:
+    if state.is_file:
+        return Decision(Action.REFUSE, "it is a file, not a directory; nothing was changed. Use a directory for "
+                        "LORA_OUTPUT_PATH (it is created when missing)")
     if not state.exists or state.empty:
         return Decision(Action.START, "no previous output")
     what = ""
@@ -107,11 +112,23 @@ def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, r
         if state.run.get("fingerprint") == fingerprint:
             if state.checkpoints:
                 n = state.checkpoints[-1]
-                return Decision(Action.RESUME, f"interrupted run: resuming from checkpoint-{n}", checkpoint=n)
-            return Decision(Action.START, "interrupted before the first checkpoint: starting over",
+                newer = [c for c in state.incomplete_checkpoints if c > n]
+                skipped = (f" (checkpoint-{', checkpoint-'.join(map(str, newer))} incomplete, skipped)"
+                           if newer else "")
+                return Decision(Action.RESUME, f"interrupted run: resuming from checkpoint-{n}{skipped}",
+                                checkpoint=n)
+            why = " (no complete checkpoint)" if state.incomplete_checkpoints else ""
+            return Decision(Action.START, f"interrupted before the first checkpoint{why}: starting over",
                             fresh_dir=True)
         changed = changed_keys(state.run.get("inputs"), inputs)
-        what = "an interrupted run with a different configuration"
+        if state.locked_by is not None:
+            what = f"a run in progress with a different configuration (its lock is held by {state.locked_by})"
+        elif not state.checkpoints and not state.incomplete_checkpoints:
+            # A start that failed before its first checkpoint (a value fixed since) holds no result to keep.
+            return Decision(Action.START, "the output holds only a failed start of another configuration (no "
+                            "checkpoint, no result): starting over with this one", fresh_dir=True, changed=changed)
+        else:
+            what = "an interrupted run with a different configuration"
     else:
         changed = ()
         what = "files this tool did not write"
@@ -127,10 +144,13 @@ def decide_train(fingerprint: str, inputs: dict[str, Any], state: OutputState, r
     )
 
 
-def decide(plan: TrainPlan) -> Decision:
-    """The decision for a training plan, from what its output directory holds now."""
-    return decide_train(plan.fingerprint, plan.fingerprint_inputs, observe_output(plan.output),
-                        plan.settings.replace_output)
+def decide(plan: TrainPlan, holding_lock: bool = False) -> Decision:
+    """The decision for a training plan, from what its output directory holds now (a lock this very run holds
+    is no other run in progress)."""
+    state = observe_output(plan.output)
+    if holding_lock:
+        state = dataclasses.replace(state, locked_by=None)
+    return decide_train(plan.fingerprint, plan.fingerprint_inputs, state, plan.settings.replace_output)
 
 
 def checkpoint_layout_problem(previous: dict[str, Any] | None, current: dict[str, Any]) -> str | None:

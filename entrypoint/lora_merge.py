@@ -113,8 +113,24 @@ class _Untie:
 ProgressCallback = Callable[[MergeProgress], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedMerge:
+    """A merge checked from JSON and headers alone, before anything is written."""
+
+    base: BaseModel
+    adapter_dir: Path | None
+    plan: _MergePlan
+
+
+def prepare_merge(base_dir: Path, adapter_dir: Path | None) -> PreparedMerge:
+    """Check the inputs and decide what each adapter tensor changes; ConfigError names what cannot be merged."""
+    base = read_base_model(base_dir)
+    plan = _plan(base, adapter_dir) if adapter_dir is not None else _MergePlan({}, None, None)
+    return PreparedMerge(base, adapter_dir, plan)
+
+
 def merge_adapter(
-    base_dir: Path,
+    base_dir: Path | PreparedMerge,
     adapter_dir: Path | None,
     out_dir: Path,
     progress: ProgressCallback | None = None,
@@ -124,14 +140,16 @@ def merge_adapter(
 
     The files beside the weights are the ones training used (companions.py): its tokenizer and chat
     template, and a generation config that stops at its EOS and at `stop_tokens` (the template's stop words).
-    Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly.
+    Raises ConfigError, naming the file, tensor or option, for inputs that cannot be merged exactly;
+    `prepare_merge` raises them before anything is written.
     """
     from entrypoint.companions import write_companions
 
     if not out_dir.is_dir() or any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} must be an existing empty directory")
-    base = read_base_model(base_dir)
-    plan = _plan(base, adapter_dir) if adapter_dir is not None else _MergePlan({}, None, None)
+    prepared = base_dir if isinstance(base_dir, PreparedMerge) else prepare_merge(base_dir, adapter_dir)
+    base, plan, adapter_dir = prepared.base, prepared.plan, prepared.adapter_dir
+    base_dir = base.directory
 
     bytes_total = sum(shard.data_bytes for shard in base.shards)
     bytes_done = 0

@@ -16,13 +16,12 @@ The steps, in the order `run` calls them:
 
 from __future__ import annotations
 
-import errno
 import logging
 import resource
 import time
 from pathlib import Path
 
-from entrypoint.errors import ConfigError, EntrypointError, ExitCode, finish
+from entrypoint.errors import EntrypointError, ExitCode, TemporaryFailure, finish
 from entrypoint.merge_inputs import MergeInputs, read_inputs, wait_for_adapter
 from entrypoint.publish import Published, check_free_space, cleanup_on_failure, directory_bytes
 from entrypoint.settings import Settings
@@ -38,20 +37,20 @@ def run(settings: Settings) -> int:
     t0 = time.monotonic()
     inputs = read_inputs(settings, wait_for_adapter(settings))
     published = Published.at(Path(settings.merged_model_path))
+    lock = OutputLock(lock_path_for(published.path), ttl=settings.lock_ttl_seconds, owner=owner_id(settings.pod_name))
     if published.serves(inputs.fingerprint):
+        tidy_if_free(published, lock, settings.merge_keep_versions)
         return finish(ExitCode.OK, f"skipped: {published.path} already serves this adapter "
                       f"({published.current().name})")  # type: ignore[union-attr]
 
     tracking = tracking_available(settings, inputs)
-
-    lock = OutputLock(lock_path_for(published.path), ttl=settings.lock_ttl_seconds, owner=owner_id(settings.pod_name))
     with lock.held(settings.lock_wait_seconds):
         if published.serves(inputs.fingerprint):
+            tidy(published, settings.merge_keep_versions)
             return finish(ExitCode.OK, f"skipped: {published.path} already serves this adapter")
-        tidy(published)
+        tidy(published, settings.merge_keep_versions)
         version, result = merge_and_publish(settings, inputs, published)
-    for old in published.prune(settings.merge_keep_versions):
-        log.info("removed old version %s (MERGE_KEEP_VERSIONS=%d)", old.name, settings.merge_keep_versions)
+        prune(published, settings.merge_keep_versions)
     wall = time.monotonic() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("published %s: %.1f MiB %s, %d tensors merged, %.1fs, peak RSS %.0f MiB", version.name,
@@ -73,35 +72,49 @@ def tracking_available(settings: Settings, inputs: MergeInputs) -> bool:
     return True
 
 
-def tidy(published: Published) -> None:
-    """Under the lock: remove what killed merges left, move an older plain directory into the scheme."""
+def tidy(published: Published, keep: int) -> None:
+    """Under the lock: remove what killed merges left and versions beyond MERGE_KEEP_VERSIONS, move an older
+    plain directory into the scheme."""
     for stale in published.remove_stale_workdirs():
         log.warning("removed unfinished work of an interrupted merge: %s", stale)
     if published.is_legacy_directory():
         moved = published.migrate_legacy()
         log.warning("MERGED_MODEL_PATH was a plain directory (older layout): kept as %s, now a symlink", moved)
+    prune(published, keep)
+
+
+def prune(published: Published, keep: int) -> None:
+    for old in published.prune(keep):
+        log.info("removed old version %s (MERGE_KEEP_VERSIONS=%d)", old.name, keep)
+
+
+def tidy_if_free(published: Published, lock: OutputLock, keep: int) -> None:
+    """A merge with nothing to publish still tidies what a killed one left (and an expired lock), unless
+    another merge holds the lock right now: then that one tidies."""
+    try:
+        lock.acquire(0)
+    except TemporaryFailure:
+        return
+    try:
+        tidy(published, keep)
+    finally:
+        lock.release()
 
 
 def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Published):
-    from entrypoint.lora_merge import merge_adapter  # torch loads here, once there is work to do
-    from entrypoint.model_dir import read_base_model
+    from entrypoint.lora_merge import merge_adapter, prepare_merge  # torch loads here, once there is work to do
     from entrypoint.progress import ShardProgress
     from entrypoint.verify import verify_merged
 
     source = inputs.adapter if inputs.full else inputs.base
+    prepared = prepare_merge(source, None if inputs.full else inputs.adapter)  # refusals before any write
     needed = directory_bytes(source) if inputs.full else sum(
         p.stat().st_size for p in source.iterdir() if p.is_file() and not p.name.endswith((".bin", ".pt")))
     check_free_space(published.versions, needed)
     workdir = published.new_workdir()
     with cleanup_on_failure(workdir):
-        try:
-            result = merge_adapter(source, None if inputs.full else inputs.adapter, workdir, ShardProgress(),
-                                   stop_tokens=inputs.stop_tokens)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:  # someone else filled the disk meanwhile
-                raise ConfigError(f"no space left on {published.versions} while writing the merged model") from exc
-            raise
-        verify_merged(workdir, read_base_model(source), result.untied)
+        result = merge_adapter(prepared, None, workdir, ShardProgress(), stop_tokens=inputs.stop_tokens)
+        verify_merged(workdir, prepared.base, result.untied)
         manifest = {
             "inputs": inputs.identity,
             "adapter_path": str(inputs.adapter),

@@ -15,7 +15,7 @@ from entrypoint.errors import ConfigError, TemporaryFailure
 from entrypoint.fingerprint import digest
 from entrypoint.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, model_identity, read_base_model
 from entrypoint.settings import Settings
-from entrypoint.storage import RUN_FILE, read_marker, state_dir
+from entrypoint.storage import RUN_FILE, read_failure, read_marker, state_dir
 
 log = logging.getLogger("entrypoint")
 
@@ -58,6 +58,12 @@ def wait_for_adapter(settings: Settings) -> dict[str, Any]:
             return marker
         if settings.merge_unmarked_adapter and adapter.is_dir():
             return unmarked_marker(adapter)
+        failure = read_failure(adapter)
+        if failure is not None:
+            raise ConfigError(
+                f"the training of LORA_OUTPUT_PATH={str(adapter)!r} failed for good (exit {failure.get('exit_code')}"
+                f"{', Job ' + failure['job_name'] if failure.get('job_name') else ''}: {failure.get('message')}); "
+                "nothing to merge: fix that and train again, and merge after it")
         if time.monotonic() >= deadline:
             break
         if not announced:

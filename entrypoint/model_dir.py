@@ -30,6 +30,8 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", "added_token
 # config ties it to the input embedding.
 OUTPUT_EMBEDDING = "lm_head.weight"
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight")
+# Module names of the embeddings and the head, as LORA_TARGET or additional_target name them.
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out"})
 # Model types whose transformers and vLLM implementations read an lm_head of its own when the config says
 # tie_word_embeddings: false (checked in vLLM 0.32's model code; Gemma 2, for one, always ties in vLLM).
 # An adapter that changes the embedding or the head of a tied base is published untied for these only.

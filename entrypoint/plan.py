@@ -16,8 +16,16 @@ from typing import Any
 from entrypoint import datasets
 from entrypoint.errors import ConfigError
 from entrypoint.fingerprint import digest
-from entrypoint.model_dir import check_trainable_base, model_identity
-from entrypoint.settings import Settings, llamafactory_values, non_result_lf_keys
+from entrypoint.model_dir import (
+    EMBEDDING_MODULES,
+    UNTIE_MODEL_TYPES,
+    BaseModel,
+    check_trainable_base,
+    model_identity,
+    tied_embeddings_problem,
+    tied_input_embedding,
+)
+from entrypoint.settings import FIELDS, Settings, llamafactory_values, non_result_lf_keys
 from entrypoint.storage import STATE_DIR
 
 OWNED_KEYS = {
@@ -42,6 +50,7 @@ NON_RESULT_KEYS = non_result_lf_keys() | {
     "output_dir", "dataset_dir", "report_to", "plot_loss", "overwrite_output_dir", "resume_from_checkpoint",
     "deepspeed", "preprocessing_num_workers", "dataloader_num_workers", "overwrite_cache",
 }
+FIELDS_BY_LF_KEY = {f.lf_key: f for f in FIELDS if f.lf_key}
 # DeepSpeed configs shipped inside the package (LLaMA-Factory's examples/deepspeed, "auto" values filled in
 # by transformers from the training arguments).
 DEEPSPEED_CONFIGS = {"zero2": "ds_z2.json", "zero3": "ds_z3.json"}
@@ -56,6 +65,7 @@ class TrainPlan:
     fingerprint: str
     fingerprint_inputs: dict[str, Any]
     data: datasets.ResolvedDatasets
+    base: BaseModel
 
 
 def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
@@ -81,7 +91,31 @@ def read_yaml_overrides(settings: Settings) -> dict[str, Any]:
             f"LLAMAFACTORY_CONFIG={path_text!r} sets {', '.join(owned)}: these are owned by the entrypoint; "
             + "; ".join(f"{k} -> {OWNED_KEYS[k]}" for k in owned)
         )
+    problems = [problem for key, value in data.items() if (problem := yaml_value_problem(key, value))]
+    if problems:
+        raise ConfigError(f"LLAMAFACTORY_CONFIG={path_text!r}: " + "; ".join(problems))
     return data
+
+
+def yaml_value_problem(key: str, value: Any) -> str | None:
+    """A YAML key that a setting also sets gets that setting's validation (type and bounds); the others are
+    type-checked against LLaMA-Factory's own argument classes once it is imported (worker.check_types)."""
+    field = FIELDS_BY_LF_KEY.get(key)
+    if field is None:
+        return None
+    if isinstance(value, bool):
+        raw = "true" if value else "false"
+    elif isinstance(value, (int, float, str)):
+        raw = str(value)
+    else:
+        raw = None
+    try:
+        if raw is None or (field.kind in ("int", "float") and isinstance(value, bool)):
+            raise ValueError
+        field.parse(raw)
+    except ValueError:
+        return f"{key}={value!r} is not valid: expected {field.allowed()}"
+    return None
 
 
 def check_qlora_possible() -> None:
@@ -109,6 +143,18 @@ def check_deepspeed_possible(args: dict[str, Any], settings: Settings) -> None:
             f"{where} needs the deepspeed package (LLaMA-Factory 0.9.3 accepts deepspeed>=0.10.0,<=0.16.9), which "
             "is not installed here: run the project's image, which ships it, or set DEEPSPEED=none"
         )
+
+
+def check_publishable(base: BaseModel, args: dict[str, Any]) -> None:
+    """Refuse now what the merge could not publish as trained, rather than after the GPU hours: training the
+    input embedding or the head of a base that ties them, for a model type vLLM always ties."""
+    if args.get("finetuning_type") != "lora" or tied_input_embedding(base) is None:
+        return
+    modules = {m.strip() for key in ("lora_target", "additional_target") for m in str(args.get(key) or "").split(",")}
+    if (modules & EMBEDDING_MODULES or args.get("resize_vocab")) and base.config.get("model_type") not in \
+            UNTIE_MODEL_TYPES:
+        raise ConfigError(f"BASE_MODEL_PATH={str(base.directory)!r}: "
+                          + tied_embeddings_problem(base.config.get("model_type")))
 
 
 def llamafactory_args(settings: Settings, data: datasets.ResolvedDatasets) -> dict[str, Any]:
@@ -142,7 +188,7 @@ def result_args(args: dict[str, Any]) -> dict[str, Any]:
 def build_plan(settings: Settings) -> TrainPlan:
     """Everything the decision needs, computed without heavy imports and without writing anything."""
     output = Path(settings.lora_output_path)
-    check_trainable_base(Path(settings.base_model_path))
+    base = check_trainable_base(Path(settings.base_model_path))
     overrides = read_yaml_overrides(settings)
     data = datasets.resolve(
         Path(settings.dataset_path),
@@ -156,9 +202,10 @@ def build_plan(settings: Settings) -> TrainPlan:
         check_qlora_possible()
     if args.get("deepspeed"):
         check_deepspeed_possible(args, settings)
+    check_publishable(base, args)
     inputs = {
         "args": result_args(args),
         "model": model_identity(Path(settings.base_model_path)),
         "data": data.identity(),
     }
-    return TrainPlan(settings, output, args, digest(inputs), inputs, data)
+    return TrainPlan(settings, output, args, digest(inputs), inputs, data, base)

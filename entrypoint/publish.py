@@ -145,17 +145,28 @@ def check_free_space(where: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     margin = 64 * 1024 * 1024
     if free < needed + margin:
-        gib = 1024**3
         raise ConfigError(
-            f"not enough free space on {probe}: the merged model needs {needed / gib:.2f} GiB (+64 MiB margin), "
-            f"{free / gib:.2f} GiB are free; free space or lower MERGE_KEEP_VERSIONS"
+            f"not enough free space on {probe}: the merged model needs {human_size(needed)} (+64 MiB margin), "
+            f"{human_size(free)} are free; free space or lower MERGE_KEEP_VERSIONS"
         )
+
+
+def human_size(count: int) -> str:
+    """Bytes in the largest binary unit that keeps a figure of at least 1 (MiB under a GiB: a small disk
+    does not read as 0.00 GiB)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} bytes"
 
 
 @contextlib.contextmanager
 def cleanup_on_failure(workdir: Path):
+    """Remove the work directory of a merge that failed, and the versions directory when it is left empty."""
     try:
         yield
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            workdir.parent.rmdir()  # only when empty: a first merge that failed leaves nothing behind
         raise

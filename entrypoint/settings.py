@@ -208,6 +208,10 @@ class Settings:
     logging_steps: int = option(
         "LOGGING_STEPS", "10", "Log loss and learning rate every this many steps.", "training", minimum=1,
         lf_key="logging_steps")
+    trust_remote_code: bool = option(
+        "TRUST_REMOTE_CODE", "false", "Run the Python code a base model ships (config.json auto_map) for a model type "
+        "transformers does not know. Only for models whose code you have read: it runs in every training pod.",
+        "training", lf_key="trust_remote_code")
     llamafactory_config: str = option(
         "LLAMAFACTORY_CONFIG", "",
         "Optional LLaMA-Factory YAML for advanced options; its keys override the variables above "
@@ -247,6 +251,10 @@ class Settings:
         "CHECKPOINT_ON_SIGTERM", "auto",
         "Save a checkpoint when SIGTERM arrives; auto: for LoRA/QLoRA only (full checkpoints rarely fit "
         "in a spot VM's 15 s notice).", "runtime")
+    termination_grace_seconds: int = option(
+        "TERMINATION_GRACE_SECONDS", "15", "Seconds the pod has after SIGTERM (its terminationGracePeriodSeconds; "
+        "GKE Spot grants 15): the entrypoint saves a checkpoint, writes its exit reason and flushes MLflow within it, "
+        "leaving a few seconds' margin.", "runtime", minimum=5, maximum=3600)
     lock_ttl_seconds: int = option(
         "LOCK_TTL_SECONDS", "120", "The output lock expires this long after its holder's last heartbeat; then "
         "another run may take it over.", "runtime", minimum=10, maximum=86400)
@@ -456,6 +464,34 @@ def _check_tracking(values: dict[str, Any]) -> str | None:
     return None
 
 
+MLFLOW_URI_FORMS = "http(s)://host[:port][/path], file:///path, sqlite:////path/mlflow.db or an absolute path"
+
+
+def _check_mlflow_uri(values: dict[str, Any]) -> str | None:
+    """A malformed tracking URI is a configuration error before anything runs, not a traceback mid-start."""
+    uri = values["mlflow_tracking_uri"].strip()
+    if values["tracking"] != "mlflow" or not uri:
+        return None
+    from entrypoint.tracking import redact_uri
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port  # raises ValueError when out of range or not a number
+        shown = redact_uri(uri)
+    except ValueError as exc:
+        return f"MLFLOW_TRACKING_URI is not a valid URI ({exc}): expected {MLFLOW_URI_FORMS}"
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and parts.hostname and port != 0:
+        return None
+    if scheme in ("file", "sqlite") and parts.path.startswith("/") and not parts.netloc:
+        return None
+    if not scheme and uri.startswith("/"):
+        return None
+    why = "has no host" if scheme in ("http", "https") else (
+        f"scheme {scheme!r} is not supported" if scheme else "is neither a URL nor an absolute path")
+    return f"MLFLOW_TRACKING_URI={shown!r} {why}: expected {MLFLOW_URI_FORMS}"
+
+
 def _check_paths_distinct(values: dict[str, Any]) -> str | None:
     out = values["lora_output_path"]
     for other in ("base_model_path", "dataset_path", "merged_model_path"):
@@ -510,6 +546,7 @@ def check_topology(settings: Settings) -> None:
 _CROSS_CHECKS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     _check_nproc,
     _check_tracking,
+    _check_mlflow_uri,
     _check_paths_distinct,
 )
 

@@ -46,6 +46,32 @@ def write_marker(output: Path, data: dict[str, Any]) -> None:
     atomic_write_json(state_dir(output) / MARKER, data)
 
 
+CHECKPOINT_RECORD = ".complete.json"  # inside each checkpoint-N, written once every file of it is saved
+
+
+def write_checkpoint_record(checkpoint: Path) -> None:
+    """Record a checkpoint as complete, with the size of each of its files: a torn file (a kill while the
+    optimizer state was written, a truncated copy) makes the checkpoint incomplete, and resume skips it."""
+    files = {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file()
+             and p.name != CHECKPOINT_RECORD}
+    atomic_write_json(checkpoint / CHECKPOINT_RECORD, {"files": files, "written_at": time.time()})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None when it is complete."""
+    record = read_json(checkpoint / CHECKPOINT_RECORD)
+    if record is None or not isinstance(record.get("files"), dict):
+        return "it was never completed (no completion record)"
+    for name, size in record["files"].items():
+        try:
+            found = (checkpoint / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} has {found} bytes, {size} were written"
+    return None
+
+
 def owner_id(pod_name: str = "") -> str:
     """Who holds a lock: the pod (POD_NAME from the downward API) or, outside a pod, the host; and the process."""
     return f"{pod_name or socket.gethostname()}:{os.getpid()}"
@@ -63,6 +89,25 @@ class LockInfo:
             return cls(str(data["owner"]), str(data["token"]), float(data["expires_at"]))  # type: ignore[index]
         except (TypeError, KeyError, ValueError):
             return None
+
+
+@dataclass(frozen=True)
+class LockToken:
+    """Whether a lock is still ours, checked from its file: what a training process (this one, or a rank
+    started by torchrun) asks before it saves anything, so that a run that lost its lock writes nothing more."""
+
+    path: str
+    token: str
+
+    def holder(self) -> LockInfo | None:
+        return LockInfo.parse(read_json(Path(self.path)))
+
+    def check(self) -> None:
+        info = self.holder()
+        if info is None or info.token != self.token:
+            who = info.owner if info else "nobody (the lock file is gone)"
+            raise TemporaryFailure(f"this run lost the output lock {self.path} (now held by {who}): stopped "
+                                   "without writing anything more; the Job retries and decides again")
 
 
 class OutputLock:
@@ -98,6 +143,10 @@ class OutputLock:
     def holder(self) -> LockInfo | None:
         return LockInfo.parse(read_json(self.path))
 
+    @property
+    def token_check(self) -> LockToken:
+        return LockToken(str(self.path), self.token)
+
     def _stale_signature(self) -> str | None:
         """An identity of the current lock file if it is stale (expired, or unreadable and old)."""
         info = self.holder()
@@ -132,13 +181,15 @@ class OutputLock:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 fsync_dir(self.path.parent)
-                log.warning("took over an expired lock %s (holder %s)", self.path, info.owner if info else "unknown")
+                why = "expired" if info is None or info.expires_at <= time.time() else "held by a process that is gone"
+                log.warning("took over the lock %s (%s; holder %s)", self.path, why, info.owner if info else "unknown")
         finally:
             with contextlib.suppress(FileNotFoundError):
                 guard.unlink()
 
     def acquire(self, wait: float) -> None:
         deadline = time.monotonic() + wait
+        announced = False
         while True:
             if self._try_create():
                 self._start_heartbeat()
@@ -147,8 +198,14 @@ class OutputLock:
             if self._try_create():
                 self._start_heartbeat()
                 return
+            info = self.holder()
+            if not announced and info is not None and wait > 0:
+                log.info("%s is held by %s; its lock expires %.0fs after that run's last heartbeat (the lock TTL "
+                         "that run was started with: this run's LOCK_TTL_SECONDS applies only to its own lock); "
+                         "waiting up to %.0fs (LOCK_WAIT_SECONDS)", self.path.parent, info.owner,
+                         max(0.0, info.expires_at - time.time()), wait)
+                announced = True
             if time.monotonic() >= deadline:
-                info = self.holder()
                 who = f"{info.owner}, expires in {max(0, info.expires_at - time.time()):.0f}s" if info else "?"
                 raise TemporaryFailure(
                     f"{self.path.parent} is being written by another run ({who}); waited {wait:.0f}s "
@@ -209,6 +266,30 @@ def _dead_on_this_host(data: dict[str, Any] | None) -> bool:
 def lock_path_for(output: Path) -> Path:
     """The lock lives beside the output, so the output itself can be moved aside while locked."""
     return output.with_name(f".{output.name}.lock")
+
+
+def failure_path_for(output: Path) -> Path:
+    """Beside the output, like the lock: a run refused before writing anything leaves the output untouched."""
+    return output.with_name(f".{output.name}.failed.json")
+
+
+def record_failure(output: Path, code: int, message: str, job_name: str) -> None:
+    """Training ended in a way no retry can fix: the merge that waits for this output stops waiting."""
+    if not output.parent.is_dir():
+        return  # nothing was ever written here, and no merge can be waiting for it
+    try:
+        atomic_write_json(failure_path_for(output), {"exit_code": code, "message": message, "job_name": job_name,
+                                                     "failed_at": time.time()})
+    except OSError as exc:
+        log.warning("could not record the failure beside %s: %s", output, exc)
+
+
+def clear_failure(output: Path) -> None:
+    failure_path_for(output).unlink(missing_ok=True)
+
+
+def read_failure(output: Path) -> dict[str, Any] | None:
+    return read_json(failure_path_for(output))
 
 
 def move_aside(path: Path) -> Path:

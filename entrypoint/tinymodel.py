@@ -1,7 +1,7 @@
 """A tiny causal LM and demo datasets generated on the spot: no model hub, ever.
 
 A random-init Llama of a few layers with a byte-level BPE tokenizer trained on the demo texts, the
-llama3 special tokens (so the seed's TEMPLATE=llama3 works unchanged) and a chat template. Used by
+llama3 special tokens (so the original design's TEMPLATE=llama3 works unchanged) and a chat template. Used by
 the local demo and the tests; small enough that LoRA training on the CPU takes seconds.
 """
 
@@ -122,7 +122,7 @@ def make_tiny_model(
 
 
 def write_demo_data(data_dir: Path, name: str = "train_data", fmt: str = "alpaca", repeat: int = 1) -> Path:
-    """The seed's layout: <data>/<name>.json registered in <data>/dataset_info.json."""
+    """The original design's layout: <data>/<name>.json registered in <data>/dataset_info.json."""
     data_dir.mkdir(parents=True, exist_ok=True)
     records = (DEMO_RECORDS if fmt == "alpaca" else SHAREGPT_RECORDS) * repeat
     path = data_dir / f"{name}.json"

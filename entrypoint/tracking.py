@@ -28,7 +28,8 @@ log = logging.getLogger("entrypoint")
 
 PARAM_MAX = 250  # what every MLflow 2.x server accepts
 BATCH_MAX = 100
-DOWN_PAUSE = 30.0  # after a failed write, drop writes for this long instead of retrying each one
+DOWN_PAUSE = 30.0
+SIGTERM_FLUSH_SECONDS = 5.0  # after a failed write, drop writes for this long instead of retrying each one
 
 
 def redact_uri(uri: str) -> str:
@@ -86,6 +87,13 @@ def preflight(uri: str, experiment: str, timeout: float) -> None:
             "fix MLFLOW_TRACKING_URI or set TRACKING=none to train without tracking"
         ) from None
     if response.status_code in (200, 404):  # 404: the experiment does not exist yet; the server answered
+        try:
+            response.json()
+        except ValueError:
+            kind = response.headers.get("Content-Type", "no content type")
+            raise TemporaryFailure(
+                f"{shown} answered HTTP {response.status_code} with {kind}, not MLflow's JSON API: is "
+                "MLFLOW_TRACKING_URI the tracking server itself (not a login page or a proxy's)?") from None
         return
     if response.status_code in (401, 403):
         raise ConfigError(
@@ -125,6 +133,7 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self._down_until = 0.0
+        self._closed_cleanly = False
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Tracker | NullTracker:
@@ -139,15 +148,16 @@ class Tracker:
         """An open run whose final status follows the block: FINISHED when it ends normally, KILLED when
         SIGTERM interrupted it, FAILED otherwise. Pending writes get at most `close_timeout` seconds."""
         opened = self.open_run(experiment, run_id, run_name, tags)
-        status = "FAILED"
+        status, timeout = "FAILED", close_timeout
         try:
             yield opened
             status = "FINISHED"
-        except Interrupted:
-            status = "KILLED"
+        except Interrupted as exc:
+            # After SIGTERM MLflow gets a few seconds at most: the pod's grace period is for the exit.
+            status, timeout = "KILLED", min(close_timeout, SIGTERM_FLUSH_SECONDS, exc.time_left(close_timeout))
             raise
         finally:
-            self.close(status, timeout=close_timeout)
+            self.close(status, timeout=timeout)
 
     def attach(self, run_id: str) -> None:
         """Write to an existing run without changing its status (training ranks, the merge)."""
@@ -158,8 +168,16 @@ class Tracker:
         self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
         self._thread.start()
 
-    # Synchronous: run creation happens at start, where failing is right (the preflight passed).
+    # Synchronous: run creation happens at start, where failing is right (the preflight passed): a server that
+    # fails now is unavailable for the moment (75), and the retry resumes the same run.
     def open_run(self, experiment: str, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> str:
+        try:
+            return self._open_run(experiment, run_id, run_name, tags)
+        except Exception as exc:
+            raise TemporaryFailure(f"MLflow at {redact_uri(self.uri)} could not open the run ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:300]}); retry later") from exc
+
+    def _open_run(self, experiment: str, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> str:
         if run_id:
             try:
                 run = self.client.get_run(run_id)
@@ -244,6 +262,11 @@ class Tracker:
         if path.is_file():
             self._put("artifact", str(path))
 
+    @property
+    def synced(self) -> bool:
+        """Everything written reached the server: nothing dropped during an outage, nothing left at close."""
+        return self._closed_cleanly and self.dropped == 0
+
     def close(self, status: str | None, timeout: float) -> bool:
         """Send what is pending (and end the run with `status` unless None); wait at most `timeout` s."""
         if self._thread is None:
@@ -253,6 +276,7 @@ class Tracker:
         self._put("stop")
         self._thread.join(timeout)
         done = not self._thread.is_alive()
+        self._closed_cleanly = done
         if self.dropped:
             log.warning("MLflow: %d writes were dropped while the server was unavailable", self.dropped)
         if not done:
@@ -283,10 +307,42 @@ class Tracker:
         return str(model_version.version)
 
 
+def repair_run(uri: str, timeout: float, run_id: str, output: Path, artifacts: tuple[str, ...]) -> bool:
+    """After an outage: send the loss and learning-rate points the run lacks (from trainer_log.jsonl), the
+    artifacts, and the final status. True when the run is whole; never raises."""
+    try:
+        from mlflow.entities import Metric
+
+        client = Tracker(uri, timeout).client
+        have = {m.step for m in client.get_metric_history(run_id, "loss")}
+        now = int(time.time() * 1000)
+        missing = []
+        for line in (output / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            step = entry.get("current_steps")
+            if isinstance(step, int) and step not in have and isinstance(entry.get("loss"), (int, float)):
+                missing.append(Metric("loss", float(entry["loss"]), now, step))
+                if isinstance(entry.get("lr"), (int, float)):
+                    missing.append(Metric("learning_rate", float(entry["lr"]), now, step))
+        for i in range(0, len(missing), BATCH_MAX):
+            client.log_batch(run_id, metrics=missing[i:i + BATCH_MAX])
+        for name in artifacts:
+            if (output / name).is_file():
+                client.log_artifact(run_id, str(output / name))
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception as exc:
+        log.warning("MLflow: run %s could not be completed after the outage (%s); the next start tries again",
+                    run_id, " ".join(str(exc).split())[:200])
+        return False
+    log.info("MLflow: completed run %s after an outage (%d points re-sent)", run_id, len(missing))
+    return True
+
+
 class NullTracker:
     """TRACKING=none: the Tracker's interface, recording nothing."""
 
     run_id: str | None = None
+    synced = True
 
     @contextlib.contextmanager
     def run(self, experiment: str, run_id: str | None, run_name: str, tags: Mapping[str, str],

@@ -26,22 +26,34 @@ from typing import Any
 
 from entrypoint import datasets
 from entrypoint.decisions import Action, Decision, checkpoint_layout_problem, decide, observe_output
-from entrypoint.errors import ConfigError, EntrypointError, ExitCode, TemporaryFailure, finish
-from entrypoint.files import atomic_write_json, read_json
-from entrypoint.model_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from entrypoint.errors import (
+    TERMINAL_CODES,
+    ConfigError,
+    EntrypointError,
+    ExitCode,
+    Interrupted,
+    TemporaryFailure,
+    finish,
+    write_termination_log,
+)
+from entrypoint.files import atomic_write_json
+from entrypoint.model_dir import ADAPTER_CONFIG
+from entrypoint.outputs import check_outputs, final_checkpoint, finish_from_checkpoint, run_results
 from entrypoint.plan import TrainPlan, build_plan
 from entrypoint.settings import Settings, check_topology
 from entrypoint.storage import (
     RUN_FILE,
     OutputLock,
+    clear_failure,
     lock_path_for,
     move_aside,
     owner_id,
     read_marker,
+    record_failure,
     state_dir,
     write_marker,
 )
-from entrypoint.tracking import NullTracker, Tracker, preflight, redact_uri
+from entrypoint.tracking import NullTracker, Tracker, preflight, redact_uri, repair_run
 
 log = logging.getLogger("entrypoint")
 
@@ -65,26 +77,52 @@ class RunRecord:
 
 
 def run(settings: Settings) -> int:
+    """Train; a failure no retry can fix is recorded beside the output (node 0), so a merge waiting for this
+    output stops waiting (merge_inputs.wait_for_adapter); a run that gets past validation clears it."""
+    try:
+        return _run(settings)
+    except EntrypointError as exc:
+        if exc.exit_code in TERMINAL_CODES and settings.node_rank == 0:
+            record_failure(Path(settings.lora_output_path), int(exc.exit_code), str(exc), settings.job_name)
+        raise
+
+
+def _run(settings: Settings) -> int:
     t0 = time.monotonic()
     check_topology(settings)
     plan = build_plan(settings)
     decision = decide(plan)
     if decision.action is Action.SKIP:
+        complete_tracking(plan)
         return finish(ExitCode.OK, f"skipped: {plan.output} is {decision.reason} "
                       f"(fingerprint {plan.fingerprint[:12]})")
     refuse_if_asked(plan, decision)
     template = check_before_writing(plan)
+    if settings.node_rank == 0:
+        clear_failure(plan.output)
     if settings.node_rank > 0:
         return train_follower(plan, decision)
 
     lock = OutputLock(lock_path_for(plan.output), ttl=settings.lock_ttl_seconds, owner=owner_id(settings.pod_name))
     with lock.held(settings.lock_wait_seconds):
-        decision = decide(plan)  # another run may have finished or started while we waited
+        decision = decide(plan, holding_lock=True)  # another run may have finished or started while we waited
         if decision.action is Action.SKIP:
             return finish(ExitCode.OK, f"skipped: {plan.output} is {decision.reason}")
         refuse_if_asked(plan, decision)
         log.info("%s (fingerprint %s)", decision.reason, plan.fingerprint[:12])
         return train_locked(plan, decision, lock, template, t0)
+
+
+def complete_tracking(plan: TrainPlan) -> None:
+    """A finished run whose MLflow record an outage left incomplete gets it now (node 0; MLflow is imported only
+    then: the skip path stays light otherwise)."""
+    settings, marker = plan.settings, read_marker(plan.output) or {}
+    if marker.get("mlflow_synced", True) or not marker.get("mlflow_run_id") or settings.node_rank != 0 \
+            or settings.tracking != "mlflow":
+        return
+    if repair_run(settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds, marker["mlflow_run_id"],
+                  plan.output, ARTIFACTS):
+        mark_synced(plan.output)
 
 
 def refuse_if_asked(plan: TrainPlan, decision: Decision) -> None:
@@ -99,6 +137,7 @@ def check_before_writing(plan: TrainPlan) -> dict[str, Any]:
     datasets.validate(plan.data, Path(settings.dataset_path))
     from entrypoint import worker  # the heavy imports start here, once there is work to do
 
+    worker.check_model_type(plan.base.config, settings.trust_remote_code)
     template = worker.check_args(plan.lf_args)
     if settings.tracking == "mlflow":
         # Every node checks: with MLflow down all of them exit 75 at once, instead of the others waiting for
@@ -121,9 +160,25 @@ def train_locked(plan: TrainPlan, decision: Decision, lock: OutputLock, template
         tracker.log_params({**settings.public(), **{f"lf.{k}": v for k, v in plan.lf_args.items()}})
         tracker.set_tags({"attempt": str(record.data["attempt"]), "decision": decision.action.value})
         record = write_run_record(plan, RunRecord({**record.data, "mlflow_run_id": mlflow_run_id}))
-        worker.run_training(plan, decision, nproc, tracker, lock.lost)
-        mark_complete(plan, record, template)
+        checkpoint = plan.output / f"checkpoint-{decision.checkpoint}"
+        try:
+            if decision.action is Action.RESUME and final_checkpoint(checkpoint):
+                log.info("checkpoint-%d is the run's last step: finishing from it without training",
+                         decision.checkpoint)
+                finish_from_checkpoint(checkpoint, plan.output)
+            else:
+                worker.run_training(plan, decision, nproc, tracker, lock)
+        except Interrupted as exc:
+            # The exit reason first: MLflow gets only what is left of the grace period after it.
+            write_termination_log(f"exit {int(exc.exit_code)}: {exc}")
+            raise
+        lock.token_check.check()  # a run that lost its lock writes no marker
+        mark_complete(plan, record, template, synced=record.mlflow_run_id is None)
         record_results(plan, tracker, t0)
+    if tracker.synced or (record.mlflow_run_id and repair_run(
+            settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds, record.mlflow_run_id, plan.output,
+            ARTIFACTS)):
+        mark_synced(plan.output)
     where = f"; MLflow run {record.mlflow_run_id} at {redact_uri(settings.mlflow_tracking_uri)}" \
         if record.mlflow_run_id else ""
     return finish(ExitCode.OK, f"trained: {plan.output} is complete{where}")
@@ -151,8 +206,9 @@ def open_run_record(plan: TrainPlan, decision: Decision, nproc: int) -> RunRecor
         "layout": layout,  # what its checkpoints can be resumed with
     })
     plan.output.mkdir(parents=True, exist_ok=True)
+    write_run_record(plan, record)  # the first file of this attempt: whatever follows is recognisably ours
     datasets.write_generated_info(plan.data)
-    return write_run_record(plan, record)
+    return record
 
 
 def write_run_record(plan: TrainPlan, record: RunRecord) -> RunRecord:
@@ -173,20 +229,7 @@ def run_tags(plan: TrainPlan) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
-def check_outputs(plan: TrainPlan) -> dict[str, int]:
-    """The files a finished run must have left; their sizes go into the marker."""
-    out = plan.output
-    if plan.lf_args.get("finetuning_type") == "lora":
-        missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (out / name).is_file()]
-    else:
-        missing = [] if (out / "config.json").is_file() and any(out.glob("*.safetensors")) else [
-            "config.json and *.safetensors"]
-    if missing:
-        raise EntrypointError(f"training ended but {out} lacks {', '.join(missing)}; not marking it complete")
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-
-
-def mark_complete(plan: TrainPlan, record: RunRecord, template: dict[str, Any]) -> None:
+def mark_complete(plan: TrainPlan, record: RunRecord, template: dict[str, Any], synced: bool) -> None:
     write_marker(plan.output, {
         "fingerprint": plan.fingerprint,
         "inputs": plan.fingerprint_inputs,
@@ -194,9 +237,16 @@ def mark_complete(plan: TrainPlan, record: RunRecord, template: dict[str, Any]) 
         "finetuning_type": plan.settings.finetuning_type,
         "template": template,  # its stop words: where the published model must stop
         "mlflow_run_id": record.mlflow_run_id,
-        "files": check_outputs(plan),
-        "results": read_json(plan.output / "all_results.json") or {},
+        "mlflow_synced": synced,  # False until the MLflow run holds everything (see tracking.repair_run)
+        "files": check_outputs(plan.output, plan.lf_args.get("finetuning_type") == "lora"),
+        "results": run_results(plan.output),
     })
+
+
+def mark_synced(output: Path) -> None:
+    marker = read_marker(output)
+    if marker is not None and not marker.get("mlflow_synced"):
+        write_marker(output, {**marker, "mlflow_synced": True})
 
 
 def record_results(plan: TrainPlan, tracker: Tracker | NullTracker, t0: float) -> None:
@@ -215,7 +265,8 @@ def train_follower(plan: TrainPlan, decision: Decision) -> int:
     node = f"node {settings.node_rank} of {settings.nnodes}"
     log.info("%s: %s (fingerprint %s); joining node 0 at %s:%d", node, decision.reason, plan.fingerprint[:12],
              settings.master_addr, settings.master_port)
-    result = worker.launch_torchrun(plan, worker.launch_args(plan, decision), worker.procs_per_node(settings), None)
+    result = worker.launch_torchrun(plan, worker.launch_args(plan, decision), worker.procs_per_node(settings), None,
+                                    None)
     deadline = time.monotonic() + MARKER_WAIT_SECONDS
     while (read_marker(plan.output) or {}).get("fingerprint") != plan.fingerprint:
         if time.monotonic() >= deadline:

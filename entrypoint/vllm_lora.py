@@ -13,12 +13,11 @@ from pathlib import Path
 
 from entrypoint.errors import ConfigError
 from entrypoint.lora_inputs import parse_adapter_key, read_adapter
-from entrypoint.model_dir import added_tokens, read_base_model
+from entrypoint.model_dir import EMBEDDING_MODULES, added_tokens, read_base_model
 from entrypoint.settings import NAME_RE, Settings
 
 # vLLM's LoRAConfig accepts these max_lora_rank values; an adapter's rank must not exceed the one set.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
 
 
 def adapter_max_rank(adapter_dir: Path) -> int:

@@ -55,9 +55,10 @@ def _image(tag: str | None) -> tuple[ImageRef, str]:
     return ImageRef(repo, validate_tag(tag) if tag else state.tag), state.revision
 
 
-def build(*, tag: str | None, dry_run: bool) -> None:
+def build(*, tag: str | None, dry_run: bool, builder: str = "docker", base_image: str | None = None,
+          torch_variant: str | None = None) -> None:
     ref, revision = _image(tag)
-    run_plan(build_plan(ref, revision), dry_run=dry_run)
+    run_plan(build_plan(ref, revision, builder, base_image, torch_variant), dry_run=dry_run)
 
 
 def push(*, tag: str | None, dry_run: bool) -> None:

@@ -23,6 +23,17 @@ PLACEHOLDER = f"REGION-docker.pkg.dev/PROJECT/REPOSITORY/{IMAGE_NAME}"
 DOCKERFILE = "docker/Dockerfile"
 # GKE GPU nodes are x86-64; without it a build on an arm64 laptop would give an image the nodes cannot run.
 PLATFORM = "linux/amd64"
+# How each builder builds docker/Dockerfile: buildah needs no daemon, chroot isolation no OCI runtime, and
+# the Docker format keeps what the OCI format drops (HEALTHCHECK), so both builders give the same image.
+BUILDERS = {
+    "docker": ("docker", "build"),
+    "buildah": ("buildah", "bud", "--isolation", "chroot", "--format", "docker"),
+}
+# The Dockerfile's build arguments BASE_IMAGE and TORCH_VARIANT, and their defaults there.
+DEFAULT_BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
+DEFAULT_TORCH_VARIANT = "cu128"
+# A PyTorch wheel index: download.pytorch.org/whl/<variant>.
+_TORCH_VARIANT = re.compile(r"cpu|cu\d{3}")
 
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -133,21 +144,41 @@ def git_state(root: Path = REPO, environ: Mapping[str, str] | None = None) -> Gi
     return GitState(revision, f"{short}-dirty" if dirty else short)
 
 
-def build_plan(ref: ImageRef, revision: str) -> Plan:
-    """docker build of docker/Dockerfile with the repository root as context (.dockerignore narrows it)."""
+def build_plan(ref: ImageRef, revision: str, builder: str = "docker", base_image: str | None = None,
+               torch_variant: str | None = None) -> Plan:
+    """Build docker/Dockerfile with the repository root as context (.dockerignore narrows it), by docker or
+    buildah; the build arguments only when they differ from the Dockerfile's defaults."""
+    if builder not in BUILDERS:
+        raise Exit(f"--builder must be one of {', '.join(BUILDERS)}, not {builder!r}")
+    build_args = []
+    if base_image is not None:
+        if not base_image.strip() or any(c.isspace() for c in base_image):
+            raise Exit(f"--base-image {base_image!r} is not an image reference (such as {DEFAULT_BASE_IMAGE})")
+        build_args += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    if torch_variant is not None:
+        if not _TORCH_VARIANT.fullmatch(torch_variant):
+            raise Exit(f"--torch-variant {torch_variant!r} is not a PyTorch wheel variant: cpu, or cu and the "
+                       f"CUDA version's digits (such as {DEFAULT_TORCH_VARIANT})")
+        build_args += ["--build-arg", f"TORCH_VARIANT={torch_variant}"]
     argv = (
-        "docker", "build",
+        *BUILDERS[builder],
         "--platform", PLATFORM,
         "--file", DOCKERFILE,
         "--tag", str(ref),
         "--label", f"org.opencontainers.image.revision={revision}",
         "--label", f"org.opencontainers.image.version={ref.tag}",
+        *build_args,
         ".",
     )  # fmt: skip
     notes = []
     if ref.tag and ref.tag.endswith("-dirty"):
         notes.append("the work tree has uncommitted changes: this image cannot be rebuilt from git, "
                      "and `invoke deploy --env=prod` refuses it")
+    if torch_variant == "cpu":
+        notes.append("torch without CUDA: this image trains on CPUs only, never on the GPU nodes")
+    if builder == "buildah":
+        notes.append(f"the image is in buildah's store, where `invoke push` (docker) cannot see it: "
+                     f"`buildah push {ref}` pushes it")
     return Plan(f"build {ref}", [Command(argv)], notes=notes)
 
 

@@ -1,4 +1,4 @@
-"""The probe pod of `invoke doctor`: the overlay's training pod, rendered, minus what only training needs (ADR-010).
+"""The probe pod of `invoke doctor`: the overlay's training pod, rendered, minus what only training needs (ADR-015).
 
 Why derived from the rendered training Job, and not a kustomize resource of its own: the probe is worth
 something only while it is the training pod in everything but the GPU: the same image (the deployed one),

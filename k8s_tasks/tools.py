@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # What to do when a tool is missing: one line a user can act on.
 REMEDIES = {
     "docker": "install Docker (https://docs.docker.com/engine/install/) and start its daemon",
+    "buildah": "install buildah (Debian and Ubuntu: `apt-get install buildah`; https://buildah.io)",
     "kubectl": (
         "install kubectl (`gcloud components install kubectl`, or https://kubernetes.io/docs/tasks/tools/), "
         "or run `bash scripts/ensure-tools.sh`, which puts one in ./.tools/bin"

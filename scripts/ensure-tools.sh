@@ -5,6 +5,8 @@
 #   checkov: ./.venv-checkov (its own venv: its pins clash with the project's);
 #   plantuml (and graphviz, to render): Debian's packages, for the diagram checks (tests/test_docs.py) and
 #     scripts/render-diagrams.sh.
+#   buildah, debootstrap (with Debian's archive keyring) and ip: Debian's packages, for the image tests
+#     (tests/test_image.py), which build docker/Dockerfile without a Docker daemon.
 # Works unattended (CI=true, no stdin) as root on Debian 12/13; prints where each tool is.
 set -euo pipefail
 
@@ -116,6 +118,19 @@ ensure_plantuml() {
     echo "plantuml: $(command -v plantuml)"
 }
 
+ensure_image_tools() {
+    local missing=()
+    command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+    echo "buildah: $(command -v buildah), debootstrap: $(command -v debootstrap)"
+}
+
 ensure_kubectl
 ensure_checkov
 ensure_plantuml
+ensure_image_tools

@@ -53,7 +53,11 @@ class MlflowServer:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a loaded machine: never leave a server behind
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -61,10 +65,11 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.uri)
 
 
-def start_mlflow(root: Path) -> MlflowServer:
+def start_mlflow(root: Path, port: int | None = None) -> MlflowServer:
+    """A real MLflow server on 127.0.0.1 (again on `port`, over the same store, to bring one back after an outage)."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes to it until stopped
+    port = port or free_port()
+    log = open(root / "server.log", "a")  # noqa: SIM115 - the server writes to it until stopped
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),

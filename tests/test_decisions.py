@@ -15,6 +15,7 @@ from entrypoint.decisions import (
     decide_train,
     observe_output,
 )
+from entrypoint.storage import checkpoint_problem, write_checkpoint_record
 
 FP = "f" * 64
 INPUTS = {"args": {"lora_rank": 8, "template": "llama3"}, "model": {"config.json": "a"}, "data": {"x": 1}}
@@ -37,14 +38,16 @@ OTHER = {"args": {"lora_rank": 16, "template": "llama3"}, "model": {"config.json
         (OutputState(exists=True, empty=False, run={"fingerprint": FP}), False, Action.START, None, False, True),
         (OutputState(exists=True, empty=False, run={"fingerprint": "x"}, checkpoints=(10,)), False,
          Action.REFUSE, None, False, False),
+        (OutputState(exists=True, empty=False, run={"fingerprint": "x"}), False, Action.START, None, False, True),
+        (OutputState(exists=True, empty=False, is_file=True), True, Action.REFUSE, None, False, False),
         (OutputState(exists=True, empty=False, run={"fingerprint": "x"}, checkpoints=(10,)), True,
          Action.START, None, True, False),
         (OutputState(exists=True, empty=False), False, Action.REFUSE, None, False, False),
         (OutputState(exists=True, empty=False), True, Action.START, None, True, False),
     ],
     ids=["nothing", "empty-dir", "complete-same", "complete-other", "complete-other-replace", "resume-latest",
-         "resume-skips-torn-checkpoint", "partial-no-checkpoint", "partial-other", "partial-other-replace",
-         "foreign-files", "foreign-files-replace"],
+         "resume-skips-torn-checkpoint", "partial-no-checkpoint", "partial-other", "failed-start-of-other-config",
+         "output-is-a-file", "partial-other-replace", "foreign-files", "foreign-files-replace"],
 )
 def test_decide_train(state, replace, action, checkpoint, replace_first, fresh):
     decision = decide_train(FP, INPUTS, state, replace)
@@ -53,7 +56,8 @@ def test_decide_train(state, replace, action, checkpoint, replace_first, fresh):
     assert decision.replace_first is replace_first
     assert decision.fresh_dir is fresh
     if action is Action.REFUSE:
-        assert "REPLACE_OUTPUT=true" in decision.reason and "nothing was changed" in decision.reason
+        assert "nothing was changed" in decision.reason
+        assert ("REPLACE_OUTPUT=true" in decision.reason) is not state.is_file
 
 
 def test_refusal_names_what_changed():
@@ -66,18 +70,30 @@ def test_refusal_names_what_changed():
 
 def test_observe_output_tells_complete_from_torn_checkpoints(tmp_path: Path):
     out = tmp_path / "out"
-    (out / "checkpoint-10").mkdir(parents=True)
-    (out / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
-    (out / "checkpoint-20").mkdir()
-    (out / "checkpoint-20" / "trainer_state.json").write_text('{"global_st')  # torn by a kill
-    (out / "checkpoint-30").mkdir()  # killed before the state was written
+    for step in (10, 20, 30):
+        checkpoint = out / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"w" * 100)
+        (checkpoint / "optimizer.pt").write_bytes(b"o" * 200)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if step != 30:  # checkpoint-30: killed before its record was written
+            write_checkpoint_record(checkpoint)
+    (out / "checkpoint-20" / "optimizer.pt").write_bytes(b"o" * 50)  # torn after the fact: trainer_state intact
     (out / ".job").mkdir()
     (out / ".job" / "run.json").write_text(json.dumps({"fingerprint": FP}))
     state = observe_output(out)
     assert state.checkpoints == (10,)
     assert state.incomplete_checkpoints == (20, 30)
     assert state.run == {"fingerprint": FP} and state.marker is None
-    assert decide_train(FP, INPUTS, state, False).checkpoint == 10
+    decision = decide_train(FP, INPUTS, state, False)
+    assert decision.checkpoint == 10
+    assert "resuming from checkpoint-10 (checkpoint-20, checkpoint-30 incomplete, skipped)" in decision.reason
+    assert checkpoint_problem(out / "checkpoint-20") == "optimizer.pt has 50 bytes, 200 were written"
+
+
+def test_an_output_with_only_our_state_directory_counts_as_empty(tmp_path: Path):
+    (tmp_path / "out" / ".job" / "dataset_info").mkdir(parents=True)
+    assert observe_output(tmp_path / "out").empty
 
 
 def test_observe_missing_output(tmp_path: Path):

@@ -181,6 +181,8 @@ NOT_SETTINGS = {
     "JOB_COMPLETION_INDEX",
     # A key of the kustomize-local ConfigMap that names each Job (components/job-identity, ADR-009).
     "JOB_SPEC",
+    # docker/Dockerfile: a build argument, and what the image sets for MLflow and other libraries.
+    "BASE_IMAGE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
     # Signals and open(2) flags.
     "SIGTERM", "SIGKILL", "SIGINT", "O_CREAT", "O_EXCL",
     # Values of a setting, not names of one.

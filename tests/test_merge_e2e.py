@@ -1,4 +1,4 @@
-"""End to end: train (P1) -> merge -> the published model answers what it was trained to answer; atomic
+"""End to end: train -> merge -> the published model answers what it was trained to answer; atomic
 publishing under kill -9; versions and retention; bad input leaves the published model untouched."""
 
 from __future__ import annotations
@@ -311,3 +311,23 @@ def test_full_fine_tuning_output_is_published_as_is(storage: Storage):
     assert (published / "model.safetensors").read_bytes() == (storage.output / "model.safetensors").read_bytes()
     assert (published / "model.safetensors").read_bytes() != (storage.base / "model.safetensors").read_bytes()
     assert "0 tensors merged" in result.stderr
+
+
+def test_a_waiting_merge_stops_when_training_failed_for_good(storage: Storage):
+    """The merge Job starts with training and waits for its marker; a training that no retry can fix (exit 78)
+    ends that wait within seconds instead of ADAPTER_WAIT_SECONDS, and a fixed training clears the record."""
+    storage.output.parent.mkdir(parents=True)
+    failed = run_entrypoint("train", storage.env(TEMPLATE="llama4000", JOB_NAME="llama-train-x"))
+    assert failed.returncode == ExitCode.CONFIG and not storage.output.exists()
+
+    started = time.monotonic()
+    merge = run_entrypoint("merge", storage.env(ADAPTER_WAIT_SECONDS="600"))
+    assert merge.returncode == ExitCode.CONFIG, merge.stderr[-2000:]
+    assert time.monotonic() - started < 60
+    assert "failed for good (exit 78, Job llama-train-x: TEMPLATE='llama4000' is not a LLaMA-Factory" in merge.stderr
+    assert not merged_path(storage).exists()
+
+    fixed = run_entrypoint("train", storage.env(**QUICK))
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    merge = run_entrypoint("merge", storage.env(ADAPTER_WAIT_SECONDS="600"))
+    assert merge.returncode == 0, merge.stderr[-2000:]

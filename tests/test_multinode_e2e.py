@@ -18,6 +18,7 @@ from helpers import Storage, free_port, run_entrypoint, snapshot, start_entrypoi
 
 from entrypoint.decisions import observe_output
 from entrypoint.errors import ExitCode
+from entrypoint.storage import write_checkpoint_record
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +147,12 @@ def test_a_node_other_than_zero_refuses_alike_and_never_writes_the_storage(stora
     refused = [run_entrypoint("train", storage.env(**env, NODE_RANK=str(rank))) for rank in (0, 1)]
     assert [r.returncode for r in refused] == [ExitCode.CONFIG, ExitCode.CONFIG]
     assert all("files this tool did not write" in r.stderr for r in refused)
-    assert snapshot(shared) == before
+    # Node 0 alone records the refusal beside the output (a merge waiting for it stops waiting); the
+    # output itself and everything else are as they were.
+    after = snapshot(shared)
+    assert set(after) - set(before) == {f".{storage.output.name}.failed.json"}
+    assert {k: v for k, v in after.items() if k in before} == before
+    before = after
 
     t0 = time.monotonic()
     alone = run_entrypoint("train", storage.env(**env, NODE_RANK="1", REPLACE_OUTPUT="true", DDP_TIMEOUT="10"))
@@ -180,6 +186,7 @@ def test_a_deepspeed_run_is_not_resumed_with_another_layout(storage: Storage):
     (storage.output / ".job" / "run.json").write_text(json.dumps({
         "fingerprint": fingerprint, "attempt": 1, "mlflow_run_id": None,
         "layout": {"world_size": 16, "deepspeed": "ds_z3.json"}}))
+    write_checkpoint_record(storage.output / "checkpoint-5")  # complete, as the interrupted run left it
     before = snapshot(storage.output.parent)
 
     result = run_entrypoint("train", env)

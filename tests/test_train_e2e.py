@@ -189,7 +189,7 @@ def test_interrupted_before_first_checkpoint_restarts_cleanly(storage: Storage, 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == ExitCode.INTERRUPTED
     assert not list(storage.output.glob("checkpoint-*")) and storage.marker() is None
-    again = run_entrypoint("train", storage.env(MAX_STEPS="200", SAVE_STEPS="1000"))
+    again = run_entrypoint("train", storage.env(MAX_STEPS="200", SAVE_STEPS="1000"), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "starting over" in again.stderr
     assert storage.marker() is not None

@@ -91,7 +91,8 @@ def test_jobs_fail_fast_on_config_errors_and_survive_preemption(
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": component, "operator": "In", "values": [int(ExitCode.CONFIG)]},
+        "onExitCodes": {"containerName": component, "operator": "In",
+                        "values": [int(ExitCode.CONFIG), int(ExitCode.GPU_OUT_OF_MEMORY)]},
     }
     assert rules[1] == {
         "action": "Ignore",

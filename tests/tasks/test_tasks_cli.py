@@ -72,6 +72,23 @@ def test_build_dry_run_works_without_docker_and_names_what_is_missing(path_witho
     assert "a real run would stop before its first step: docker not found on PATH" in result.stdout
 
 
+def test_buildah_build_dry_run_prints_the_buildah_command(path_without: Callable[..., str]) -> None:
+    env = {**os.environ, **REGISTRY_ENV, "PATH": path_without("buildah")}
+    result = invoke("build", "--tag=0123456789ab", "--builder=buildah", "--torch-variant=cpu", "--dry-run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "$ buildah bud --isolation chroot --format docker --platform linux/amd64 --file docker/Dockerfile --tag " \
+           "europe-west4-docker.pkg.dev/my-project/training/llama-factory-train:0123456789ab" in result.stdout
+    assert "--build-arg TORCH_VARIANT=cpu ." in result.stdout
+    assert "a real run would stop before its first step: buildah not found on PATH: install buildah" in result.stdout
+
+
+def test_build_with_an_unknown_builder_stops_before_anything_runs() -> None:
+    result = invoke("build", "--tag=0123456789ab", "--builder=kaniko", env={**os.environ, **REGISTRY_ENV})
+    assert result.returncode == 1
+    assert "--builder must be one of docker, buildah, not 'kaniko'" in result.stderr
+    assert "$ " not in result.stdout
+
+
 @pytest.mark.parametrize("task", [("build",), ("push",), ("deploy", "--env=dev", "--dry-run")])
 def test_unset_project_id_stops_before_anything_runs(task: tuple[str, ...]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ID", "REGION", "REPOSITORY")}

@@ -102,6 +102,41 @@ def test_build_and_push_commands() -> None:
     ]
 
 
+def test_buildah_builds_the_same_dockerfile_with_the_chosen_base_and_torch() -> None:
+    ref = ImageRef(REGISTRY, tag="0123456789ab")
+    plan = build_plan(ref, "f" * 40, builder="buildah", base_image="localhost/debian-python:12",
+                      torch_variant="cpu")
+    assert plan.commands() == [[
+        "buildah", "bud", "--isolation", "chroot", "--format", "docker",
+        "--platform", "linux/amd64", "--file", "docker/Dockerfile",
+        "--tag", f"{REGISTRY}:0123456789ab",
+        "--label", f"org.opencontainers.image.revision={'f' * 40}",
+        "--label", "org.opencontainers.image.version=0123456789ab",
+        "--build-arg", "BASE_IMAGE=localhost/debian-python:12", "--build-arg", "TORCH_VARIANT=cpu", ".",
+    ]]
+    assert f"`buildah push {REGISTRY}:0123456789ab` pushes it" in "\n".join(plan.notes)
+    assert any("CPUs only" in note for note in plan.notes)
+    docker = build_plan(ref, "f" * 40, torch_variant="cu126").commands()[0]
+    assert docker[:2] == ["docker", "build"]
+    assert docker[-3:] == ["--build-arg", "TORCH_VARIANT=cu126", "."]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"builder": "podman"}, "--builder must be one of docker, buildah, not 'podman'"),
+        ({"torch_variant": "cuda12"}, "--torch-variant 'cuda12' is not a PyTorch wheel variant: cpu, or cu"),
+        ({"torch_variant": ""}, "is not a PyTorch wheel variant"),
+        ({"base_image": "python 3.11"}, "--base-image 'python 3.11' is not an image reference"),
+        ({"base_image": ""}, "is not an image reference"),
+    ],
+)
+def test_build_options_that_cannot_work_say_what_is_allowed(option: dict[str, str], message: str) -> None:
+    with pytest.raises(Exit) as raised:
+        build_plan(ImageRef(REGISTRY, tag="0123456789ab"), "f" * 40, **option)
+    assert message in raised.value.message
+
+
 def test_a_dirty_build_says_prod_refuses_it() -> None:
     plan = build_plan(ImageRef(REGISTRY, tag="0123456789ab-dirty"), "f" * 40)
     assert any("prod" in note for note in plan.notes)
