@@ -544,7 +544,9 @@ def _timeout_fix(reason: str, event: str) -> str:
 def _finished(cluster: Cluster, env: str, pod: Any, title: str) -> tuple[Check, list[Check]]:
     name = pod.metadata.name
     try:
-        relayed = parse_lines(cluster.pod_log(name, CONTAINER))
+        # The pod does not know which overlay it came from: its fixes say `<env>`, the doctor does.
+        relayed = [dataclasses.replace(c, fix=c.fix.replace("<env>", env))
+                   for c in parse_lines(cluster.pod_log(name, CONTAINER))]
     except Exit as exc:
         relayed = [Check("unknown", "probe output", f"cannot read the pod's log ({exc.message})")]
     where = f"ran on node {pod.spec.node_name or '?'}: the image was pulled and started"
