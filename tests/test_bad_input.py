@@ -299,7 +299,7 @@ CASES: list[Case] = [
                                               b'[{"instruction": "caf\xe9", "output": "x"}]') or {},
      "train_data.json: byte 21 (line 1) is 0xe9, not UTF-8"),
     ("jsonl-latin1-bytes", _jsonl_latin1, "lines.jsonl: byte 56 (line 2) is 0xe9, not UTF-8"),
-    ("record-not-an-object", lambda s: _records(s, ["just text"]) or {}, "record 0: must be a JSON object"),
+    ("record-not-an-object", lambda s: _records(s, ["just text"]) or {}, "record 1: must be a JSON object"),
     ("instruction-not-text", lambda s: _records(s, [{"instruction": 5, "output": "a"}]) or {},
      "field 'instruction' must be a non-empty string"),
     ("history-not-pairs", lambda s: _records(s, [{"instruction": "q", "output": "a", "history": ["x"]}]) or {},
