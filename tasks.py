@@ -76,6 +76,26 @@ def merge(c: Context, env: str | None = None, name: str | None = None, tag: str 
     actions.start("merge", env=env, name=name, tag=tag, follow=follow, dry_run=dry_run)
 
 
+@task(help={
+    "env": ENV_HELP,
+    "probe": "start the probe pod (default; --no-probe checks only what the API shows, and creates nothing)",
+    "probe-timeout": "seconds to wait for the probe pod, image pull and a node scale-up included (default 600)",
+})
+def doctor(c: Context, env: str | None = None, probe: bool = True, probe_timeout: int = 600) -> None:
+    """Check the current kube context against the overlay: one line per check (✓/✗/?), a fix for each ✗."""
+    actions.doctor(env=env, probe=probe, probe_timeout=probe_timeout)
+
+
+@task(help={
+    "env": ENV_HELP,
+    "recursive": "also hand over everything already inside those directories (files written as root before)",
+    "dry-run": DRY_RUN_HELP,
+})
+def prepare_storage(c: Context, env: str | None = None, recursive: bool = False, dry_run: bool = False) -> None:
+    """One-time admin step: a root Job makes the storage's directories writable by the pods' UID 10001."""
+    actions.prepare_storage(env=env, recursive=recursive, dry_run=dry_run)
+
+
 @task
 def status(c: Context) -> None:
     """Show Jobs (with training progress and ETA, or why Kueue holds them), pods, the WebUI and the last failure's

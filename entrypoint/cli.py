@@ -19,6 +19,7 @@ COMMANDS = {
     "merge": ("Merge the trained adapter into the base model and publish it for vLLM.", "entrypoint.merge"),
     "vllm-lora": ("Check whether vLLM can serve the adapter without merging; print the flags and load request.",
                   "entrypoint.vllm_lora"),
+    "probe": ("Check from a pod what training needs: writable storage, model, data, MLflow.", "entrypoint.probe"),
     "webui": ("Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
               "entrypoint.webui"),
     "demo": ("Run the whole flow locally on a generated tiny model (no GPU, no cluster).", ""),

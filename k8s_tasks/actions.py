@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from k8s_tasks import logs as pod_logs
 from k8s_tasks import ui as port_forward
 from k8s_tasks.cluster import KubeCluster
 from k8s_tasks.deploy import deploy_image, plan_deploy
+from k8s_tasks.doctor import run_doctor
 from k8s_tasks.follow import follow_job
 from k8s_tasks.generate import generate as generate_files
 from k8s_tasks.image import ImageRef, build_plan, git_state, push_plan, repository, validate_tag
@@ -22,8 +24,12 @@ from k8s_tasks.jobs import plan_start
 from k8s_tasks.overlays import check_env
 from k8s_tasks.plan import run_plan
 from k8s_tasks.status import render_status
+from k8s_tasks.storage_owner import plan_prepare_storage
 from k8s_tasks.tools import require_tool
 from k8s_tasks.validate import validate as validate_overlays
+
+# The doctor's probe pod must at least pull the image (~5 GB) and start.
+MIN_PROBE_TIMEOUT = 60
 
 
 def help_if_asked(task: str, positional: str) -> None:
@@ -73,7 +79,8 @@ def start(component: str, *, env: str | None, name: str | None, tag: str | None,
     env = check_env(env)
     require_tool("kubectl")
     cluster = KubeCluster()
-    plan, job = plan_start(env, component, cluster, now=datetime.now(UTC), name=name, tag=tag)
+    plan, job = plan_start(env, component, cluster, now=datetime.now(UTC), name=name, tag=tag,
+                           region=os.environ.get("REGION"))
     run_plan(plan, dry_run=dry_run, show_stdin=dry_run)
     if dry_run:
         return
@@ -87,6 +94,26 @@ def start(component: str, *, env: str | None, name: str | None, tag: str | None,
                    f"`invoke logs --job={job} --follow`)", code=130) from None
     if not completed:
         raise Exit(f"Job {job} failed", code=1)
+
+
+def doctor(*, env: str | None, probe: bool, probe_timeout: int) -> None:
+    env = check_env(env)
+    if probe_timeout < MIN_PROBE_TIMEOUT:
+        raise Exit(f"--probe-timeout must be at least {MIN_PROBE_TIMEOUT} seconds (pulling the image alone takes "
+                   f"minutes), not {probe_timeout}")
+    require_tool("kubectl")  # the overlay is rendered to know what its pods need
+    try:
+        checks = run_doctor(env, connect=KubeCluster, out=sys.stdout, probe=probe, timeout=probe_timeout)
+    except KeyboardInterrupt:
+        raise Exit("doctor interrupted; its probe pod was deleted", code=130) from None
+    if any(check.status == "fail" for check in checks):
+        raise Exit(code=1)
+
+
+def prepare_storage(*, env: str | None, recursive: bool, dry_run: bool) -> None:
+    env = check_env(env)
+    require_tool("kubectl")
+    run_plan(plan_prepare_storage(env, KubeCluster(), recursive=recursive), dry_run=dry_run)
 
 
 def status() -> None:

@@ -22,12 +22,28 @@ KUEUE_GROUP = "kueue.x-k8s.io"
 # Newest first: Kueue serves v1beta2 since 0.15 and stops serving v1beta1 in 0.20; older releases (and GKE's
 # documentation) have v1beta1 only.
 KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+# How long one read may take: a cluster whose address does not answer fails within this, not after minutes.
+REQUEST_TIMEOUT = 20
 NO_CONTEXT = ("no Kubernetes context: connect kubectl to your cluster first "
               "(GKE: `gcloud container clusters get-credentials CLUSTER --region REGION --project $PROJECT_ID`)")
 
 
+class ApiDenied(Exit):
+    """The API server refused a request (401, 403): the message says who to ask for which access."""
+
+    def __init__(self, context: str, namespace: str, status: int, reason: str) -> None:
+        super().__init__(f"the cluster of kube context {context} refused access ({status} {reason}): log in again "
+                         f"(`gcloud auth login`) or ask for access to namespace {namespace}")
+        self.status, self.reason = status, reason
+
+
+class ApiUnreachable(Exit):
+    """The API server did not answer (no route, TLS, timeout)."""
+
+
 class Cluster(Protocol):
-    """The reads the tasks need; objects are the kubernetes client's models (V1Job, V1Pod, ...)."""
+    """The reads the tasks need (and the probe pod `invoke doctor` starts and deletes); objects are the kubernetes
+    client's models (V1Job, V1Pod, ...). Calls raise ApiDenied or ApiUnreachable (both Exit) as the server answers."""
 
     namespace: str
     context: str
@@ -43,6 +59,13 @@ class Cluster(Protocol):
     def pod_log(self, name: str, container: str, *, follow: bool = False,
                 tail_lines: int | None = None) -> Iterator[str]: ...
     def exec(self, pod: str, container: str, argv: list[str]) -> str: ...
+    def server_version(self) -> tuple[int, int, str]: ...
+    def nodes(self) -> list[Any]: ...
+    def daemon_sets(self, namespace: str) -> list[Any]: ...
+    def get(self, kind: str, name: str) -> Any | None: ...
+    def events(self, kind: str, name: str) -> list[Any]: ...
+    def create_pod(self, manifest: dict[str, Any]) -> None: ...
+    def delete_pod(self, name: str) -> None: ...
 
 
 def kubeconfig_files(environ: Mapping[str, str]) -> str:
@@ -124,12 +147,10 @@ class KubeCluster:
             if exc.status == 404:
                 return None
             if exc.status in (401, 403):
-                raise Exit(f"the cluster of kube context {self.context} refused access ({exc.status} {exc.reason}): "
-                           "log in again (`gcloud auth login`) or ask for access to namespace "
-                           f"{self.namespace}") from None
+                raise ApiDenied(self.context, self.namespace, exc.status, exc.reason) from None
             raise Exit(f"the Kubernetes API answered {exc.status} {exc.reason}: {exc.body}") from None
         except HTTPError as exc:
-            raise Exit(f"cannot reach the cluster of kube context {self.context}: {exc}") from None
+            raise ApiUnreachable(f"cannot reach the cluster of kube context {self.context}: {exc}") from None
 
     def jobs(self, selector: str = "") -> list[Any]:
         return self._call(self.batch.list_namespaced_job, self.namespace, label_selector=selector).items
@@ -150,17 +171,54 @@ class KubeCluster:
         return self._call(self.core.read_namespaced_config_map, name, self.namespace)
 
     def exists(self, kind: str, name: str) -> bool:
-        read = {
+        # Metadata only would do; the client has no such call, and none of these objects is large.
+        return self.get(kind, name) is not None
+
+    def get(self, kind: str, name: str) -> Any | None:
+        """One object by kind and name (in the namespace, unless cluster-scoped); None when there is none."""
+        cluster_scoped = {"Namespace": self.core.read_namespace,
+                          "PersistentVolume": self.core.read_persistent_volume}
+        namespaced = {
             "ConfigMap": self.core.read_namespaced_config_map,
             "Secret": self.core.read_namespaced_secret,
             "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
             "ServiceAccount": self.core.read_namespaced_service_account,
             "Service": self.core.read_namespaced_service,
-            "LocalQueue": lambda name, namespace: self._kueue(
-                self.custom.get_namespaced_custom_object, namespace, "localqueues", name),
-        }[kind]
-        # Metadata only would do; the client has no such call, and none of these objects is large.
-        return self._call(read, name, self.namespace) is not None
+            "LocalQueue": lambda name, namespace, **kwargs: self._kueue(
+                self.custom.get_namespaced_custom_object, namespace, "localqueues", name, **kwargs),
+            "Pod": self.core.read_namespaced_pod,
+        }
+        if kind in cluster_scoped:
+            return self._call(cluster_scoped[kind], name, _request_timeout=REQUEST_TIMEOUT)
+        return self._call(namespaced[kind], name, self.namespace, _request_timeout=REQUEST_TIMEOUT)
+
+    def server_version(self) -> tuple[int, int, str]:
+        """(major, minor, git version) of the API server; GKE reports minors such as "33+"."""
+        from kubernetes import client
+
+        info = self._call(client.VersionApi(self.core.api_client).get_code, _request_timeout=REQUEST_TIMEOUT)
+        return int(info.major.rstrip("+")), int(info.minor.rstrip("+")), info.git_version
+
+    def nodes(self) -> list[Any]:
+        return self._call(self.core.list_node, _request_timeout=REQUEST_TIMEOUT).items
+
+    def daemon_sets(self, namespace: str) -> list[Any]:
+        return self._call(self.apps.list_namespaced_daemon_set, namespace, _request_timeout=REQUEST_TIMEOUT).items
+
+    def events(self, kind: str, name: str) -> list[Any]:
+        """The events about one object of the namespace, oldest first."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        found = self._call(self.core.list_namespaced_event, self.namespace, field_selector=selector,
+                           _request_timeout=REQUEST_TIMEOUT).items
+        return sorted(found, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+
+    def create_pod(self, manifest: dict[str, Any]) -> None:
+        self._call(self.core.create_namespaced_pod, self.namespace, manifest, _request_timeout=REQUEST_TIMEOUT)
+
+    def delete_pod(self, name: str) -> None:
+        """Delete at once (no grace period); a pod already gone is fine."""
+        self._call(self.core.delete_namespaced_pod, name, self.namespace, grace_period_seconds=0,
+                   _request_timeout=REQUEST_TIMEOUT)
 
     def _kueue(self, method: Any, *args: Any, **kwargs: Any) -> Any | None:
         """A read of Kueue's objects at the newest version the cluster serves; None when no version answers (404:

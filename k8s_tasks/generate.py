@@ -1,8 +1,9 @@
 """`invoke generate`: rewrite every generated file from its one source; `--check` only compares.
 
 - base/llm-config.env (the ConfigMap's source) from entrypoint/settings.py (`configmap_env_text`);
-- README.md, between its BEGIN/END marker comments: the configuration reference (`reference_markdown`) and
-  the exit codes (entrypoint/errors.py, `EXIT_MEANINGS`);
+- README.md, between its BEGIN/END marker comments: the configuration reference (`reference_markdown`), the
+  exit codes (entrypoint/errors.py, `EXIT_MEANINGS`) and each overlay's hourly cost (k8s_tasks/prices.py, from
+  the list prices kept there and the rendered overlays);
 - tests/manifests/expected/<env>.yaml, the reviewed renders: `kubectl kustomize overlays/<env>` of a copy of
   the tree with the example mlflow.env (as tests/manifests and `invoke validate` render it).
 
@@ -22,8 +23,9 @@ from invoke.exceptions import Exit
 
 from entrypoint.errors import EXIT_MEANINGS
 from entrypoint.settings import configmap_env_text, reference_markdown
-from k8s_tasks.overlays import copy_tree, render_envs
+from k8s_tasks.overlays import copy_tree, parse, render_envs
 from k8s_tasks.plan import Plan, Step, WriteFile, run_plan
+from k8s_tasks.prices import costs_markdown
 from k8s_tasks.tools import REPO
 
 ENV_FILE = Path("base/llm-config.env")
@@ -54,34 +56,36 @@ class Section:
         return document[:start] + self.text().strip() + "\n" + document[document.index(end):]
 
 
-README_SECTIONS = (Section("CONFIG REFERENCE", reference_markdown), Section("EXIT CODES", exit_codes_markdown))
-
-
-def readme_text(current: str) -> str:
-    """README.md with its generated sections rewritten from their sources."""
-    for section in README_SECTIONS:
+def readme_text(current: str, renders: dict[str, str] | None = None, root: Path = REPO) -> str:
+    """README.md with its generated sections rewritten from their sources. `renders`: each overlay's render, as
+    overlay_renders gives it (rendered here when not given: the cost table reads the overlays)."""
+    renders = overlay_renders(configmap_env_text(), root) if renders is None else renders
+    docs = {env: parse(text) for env, text in renders.items()}
+    sections = (Section("CONFIG REFERENCE", reference_markdown), Section("EXIT CODES", exit_codes_markdown),
+                Section("OVERLAY COSTS", lambda: costs_markdown(docs)))
+    for section in sections:
         current = section.replace(current, README)
     return current
 
 
-def expected_renders(env_text: str, root: Path = REPO) -> dict[Path, str]:
-    """tests/manifests/expected/<env>.yaml as they should read: each overlay rendered from a copied tree whose
-    base/llm-config.env is `env_text` (the generated one: the renders hold it, so one run brings both up to
-    date)."""
+def overlay_renders(env_text: str, root: Path = REPO) -> dict[str, str]:
+    """Each overlay rendered from a copied tree whose base/llm-config.env is `env_text` (the generated one: the
+    renders hold it, so one run brings both up to date)."""
     with tempfile.TemporaryDirectory(prefix="llama-generate-") as tmp:
         tree = copy_tree(Path(tmp), root)
         (tree / ENV_FILE).write_text(env_text, encoding="utf-8")
-        renders = render_envs(tree)
-    return {EXPECTED_DIR / f"{env}.yaml": text for env, text in renders.items()}
+        return render_envs(tree)
 
 
 def generated_files(root: Path = REPO) -> dict[Path, str]:
-    """Every generated file (relative to root) with the content its source gives it."""
+    """Every generated file (relative to root) with the content its source gives it: base/llm-config.env, the
+    README's sections, and tests/manifests/expected/<env>.yaml, the reviewed renders."""
     env_text = configmap_env_text()
+    renders = overlay_renders(env_text, root)
     return {
         ENV_FILE: env_text,
-        README: readme_text((root / README).read_text(encoding="utf-8")),
-        **expected_renders(env_text, root),
+        README: readme_text((root / README).read_text(encoding="utf-8"), renders),
+        **{EXPECTED_DIR / f"{env}.yaml": text for env, text in renders.items()},
     }
 
 

@@ -30,6 +30,8 @@ from k8s_tasks.cluster import Cluster, kubeconfig_problem
 from k8s_tasks.image import ImageRef
 from k8s_tasks.overlays import NAMESPACE, one, render_overlay
 from k8s_tasks.plan import Command, Plan
+from k8s_tasks.prices import job_estimate
+from k8s_tasks.sizing import training_machines
 from k8s_tasks.states import QUEUE_LABEL
 from k8s_tasks.tools import REPO
 
@@ -172,9 +174,10 @@ def choose_identity(env: str, component: str, config: dict[str, str], identities
     return chosen, notes
 
 
-def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, name: str | None = None,
-               tag: str | None = None, root: Path = REPO) -> tuple[Plan, str]:
-    """The plan to start one uniquely named Job of `component` from overlays/<env>, and the Job's name."""
+def deployed_template(env: str, component: str, cluster: Cluster, *, tag: str | None = None,
+                      root: Path = REPO) -> tuple[dict[str, Any], Identity, list[str]]:
+    """The overlay's rendered Job of `component` with the image deployed for its configuration (see the module's
+    docstring), the identity it runs, and notes for the user. Refuses what was not deployed."""
     placeholder = render_overlay(env, root=root)
     config_name = _config_map_of(one(placeholder, "Job", component))
     (config,) = [d.get("data") or {} for d in placeholder if d["kind"] == "ConfigMap" and
@@ -191,6 +194,16 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
         raise Exit(f"overlays/{env} with image {identity.image} renders identity {rendered_identity}, but the "
                    f"deployed one is {identity.name}: was it deployed with another kustomize version? "
                    f"`invoke deploy --env={env}` re-applies it")
+    return template, identity, notes
+
+
+def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, name: str | None = None,
+               tag: str | None = None, root: Path = REPO, region: str | None = None) -> tuple[Plan, str]:
+    """The plan to start one uniquely named Job of `component` from overlays/<env>, and the Job's name.
+
+    A training Job's plan notes its shape and estimated price per hour (`region`'s list prices when the table
+    has them: k8s_tasks/prices.py)."""
+    template, identity, notes = deployed_template(env, component, cluster, tag=tag, root=root)
     job_name = validate_name(name or default_name(component, now))
     if cluster.job(job_name) is not None:
         raise Exit(f"Job {job_name} already exists in namespace {NAMESPACE}: choose another --name")
@@ -199,6 +212,8 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
     if missing:
         raise Exit(f"the {component} Job needs objects missing from namespace {NAMESPACE}: {', '.join(missing)}; "
                    f"`invoke deploy --env={env}` creates them")
+    if component == "train":
+        notes.append(cost_note(env, template, region))
 
     queue = (template["metadata"].get("labels") or {}).get(QUEUE_LABEL)
     if queue and not cluster.exists("LocalQueue", queue):
@@ -215,6 +230,14 @@ def plan_start(env: str, component: str, cluster: Cluster, *, now: datetime, nam
              f"overlays/{env}, configuration {identity.name}, image {identity.image}")
     step = Command(("kubectl", "create", "-f", "-"), manifest, f"Job {job_name} (from {identity.name})")
     return Plan(title, [step], checks=[kubeconfig_problem], notes=notes), job_name
+
+
+def cost_note(env: str, job: dict[str, Any], region: str | None) -> str:
+    """`shape: ...; sized for ...; about $x/h on-demand, $y/h Spot ...`: what a training Job holds and costs."""
+    shape, price = job_estimate(env, job, region)
+    machines = " or ".join(training_machines(env))
+    cost = price.describe() if price is not None else "no list price for it in k8s_tasks/prices.py"
+    return f"shape: {shape.describe()}; sized for {machines}; {cost} while it runs"
 
 
 def _config_map_of(job: dict[str, Any]) -> str:

@@ -23,7 +23,9 @@ from k8s_tasks.tools import REPO, require_tool
 
 ENVS = ("dev", "gpu", "prod", "multinode")
 NAMESPACE = "llm-training"
-KUSTOMIZE_DIRS = ("base", "components", "overlays")
+# Every kustomization of the repository: what renders copy, and what `invoke validate` and the tests check.
+# admin/ holds the one-time admin step of `invoke prepare-storage`, applied by that task only.
+KUSTOMIZE_DIRS = ("base", "components", "overlays", "admin")
 COMPONENT_LABEL = "app.kubernetes.io/component"
 # What `deploy --component` applies, as kubectl label selectors over the rendered objects (the original design's
 # all/base/webui split). The Jobs are never applied by deploy: `invoke train` and `invoke merge` start them
@@ -75,7 +77,7 @@ def wrapper_step(env: str, image: ImageRef) -> WriteFile:
 
 
 def copy_tree(dest: Path, root: Path = REPO) -> Path:
-    """base/, components/, overlays/ copied to dest, each overlay's mlflow.env made from its example.
+    """base/, components/, overlays/, admin/ copied to dest, each overlay's mlflow.env made from its example.
 
     Renders made from the copy never read (or leak) a user's real secret file, and work in a fresh clone.
     """

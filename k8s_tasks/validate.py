@@ -22,6 +22,7 @@ from invoke.exceptions import Exit
 
 from k8s_tasks.image import PLACEHOLDER, ImageRef, placeholder_problem
 from k8s_tasks.overlays import ENVS, add_combinations, copy_tree, images_of, parse, render, wrapper_step
+from k8s_tasks.storage_owner import ADMIN_DIR
 from k8s_tasks.tools import REPO, require_tool
 
 # Oldest and newest Kubernetes minors supported (tests/manifests checks them too): 1.31 is the first with
@@ -87,6 +88,12 @@ def validate(out: TextIO, root: Path = REPO, env: str | None = None) -> None:
             if images != {str(sample)}:
                 raise Exit(f"deploy would leave other images in overlays/{name} ({images}); every workload must "
                            f"use {PLACEHOLDER}, which deploy replaces")
+        if env is None:
+            # The one-time root Job of `invoke prepare-storage`: applied by that task only, checked all the same.
+            print(f"- render {ADMIN_DIR}", file=out, flush=True)
+            path = Path(tmp) / "storage-owner.yaml"
+            path.write_text(render(tree / ADMIN_DIR, kubectl), encoding="utf-8")
+            renders.append(str(path))
         shutil.rmtree(tree / "build", ignore_errors=True)  # the deploy wrappers are not part of what checkov lints
         for name in add_combinations(tree) if env is None else ():
             print(f"- render overlays/{name.replace('+', ' + components/')}", file=out, flush=True)
@@ -99,8 +106,8 @@ def validate(out: TextIO, root: Path = REPO, env: str | None = None) -> None:
         # checkov renders kustomizations with the kubectl on its PATH, and silently skips them without one.
         tool_env = {**os.environ, "PATH": f"{Path(kubectl).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         _run([checkov, "-d", str(tree), "--framework", "kustomize", "--skip-download", "--compact", "--quiet"],
-             "checkov --framework kustomize (base, components, every overlay and combination)", out, env=tool_env,
-             cwd=tree)
+             "checkov --framework kustomize (base, components, every overlay and combination, admin)", out,
+             env=tool_env, cwd=tree)
         _run([checkov, "-f", str(root / "docker" / "Dockerfile"), "--framework", "dockerfile", "--skip-download",
               "--compact", "--quiet"], "checkov --framework dockerfile (docker/Dockerfile)", out)
     what = ("every overlay renders, alone and with components/spot, kueue and flex-start" if env is None

@@ -200,6 +200,15 @@ def _jsonl_latin1(storage: Storage) -> dict[str, str]:
     return {"DATASET": "lines"}
 
 
+def _history_not_pairs(storage: Storage) -> dict[str, str]:
+    # Mapped, so that the records' history reaches LLaMA-Factory and its shape is what is refused.
+    _write(storage.data / "dataset_info.json", json.dumps(
+        {"train_data": {"file_name": "train_data.json", "columns": {
+            "prompt": "instruction", "response": "output", "history": "history"}}}))
+    _records(storage, [{"instruction": "q", "output": "a", "history": ["x"]}])
+    return {}
+
+
 def _sharegpt_unanswered(storage: Storage) -> dict[str, str]:
     _write(storage.data / "dataset_info.json", json.dumps(
         {"chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"messages": "conversations"}}}))
@@ -299,11 +308,10 @@ CASES: list[Case] = [
                                               b'[{"instruction": "caf\xe9", "output": "x"}]') or {},
      "train_data.json: byte 21 (line 1) is 0xe9, not UTF-8"),
     ("jsonl-latin1-bytes", _jsonl_latin1, "lines.jsonl: byte 56 (line 2) is 0xe9, not UTF-8"),
-    ("record-not-an-object", lambda s: _records(s, ["just text"]) or {}, "record 0: must be a JSON object"),
+    ("record-not-an-object", lambda s: _records(s, ["just text"]) or {}, "record 1: must be a JSON object"),
     ("instruction-not-text", lambda s: _records(s, [{"instruction": 5, "output": "a"}]) or {},
      "field 'instruction' must be a non-empty string"),
-    ("history-not-pairs", lambda s: _records(s, [{"instruction": "q", "output": "a", "history": ["x"]}]) or {},
-     "field 'history' must be a list of [question, answer] string pairs"),
+    ("history-not-pairs", _history_not_pairs, "field 'history' must be a list of [question, answer] string pairs"),
     ("dataset-info-not-json", lambda s: _write(s.data / "dataset_info.json", "{nope") or {},
      "dataset_info.json: not valid JSON"),
     ("dataset-info-without-file-name", lambda s: _write(s.data / "dataset_info.json", json.dumps(

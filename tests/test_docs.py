@@ -168,9 +168,10 @@ SETTING_SPAN_RE = re.compile(rf"^\$?\{{?({SETTING_NAME})\}}?(?:=\S*)?$")
 SETTING_ASSIGN_RE = re.compile(rf"^\s*(?:-\s+|export\s+)?({SETTING_NAME})=")
 SETTING_REF_RE = re.compile(rf"\$\{{?({SETTING_NAME})\b")
 NOT_SETTINGS = {
-    # Deploy side (tasks.py, the shell): the registry and the cluster.
+    # Deploy side (tasks.py, the shell): the registry and the cluster, and the quickstart's shell variables and
+    # GPU quota names.
     "PROJECT_ID", "REGION", "REPOSITORY", "KUBECONFIG", "PATH", "HOME", "TMPDIR", "USER", "PYTHON", "CI",
-    "DEBIAN_FRONTEND", "JDK_JAVA_OPTIONS",
+    "DEBIAN_FRONTEND", "JDK_JAVA_OPTIONS", "ZONE", "CLUSTER", "PROJECT_NUMBER", "NVIDIA_L4_GPUS", "GPUS_ALL_REGIONS",
     # The MLflow client reads these itself (the mlflow-config Secret); they are not entrypoint settings.
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT",

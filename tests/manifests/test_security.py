@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-from gke_sizing import gib
 from kustomize_helpers import containers, env_of, pod_specs, uses_component
 from pod_security import restricted_violations
 
 from k8s_tasks.overlays import ENVS, find, one
+from k8s_tasks.sizing import gib
 
 
 @pytest.mark.parametrize("overlay", ENVS)

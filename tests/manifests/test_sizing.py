@@ -1,26 +1,16 @@
-"""Every pod fits the GKE machine its overlay names, and what may share a node fits it together (gke_sizing.py:
+"""Every pod fits the GKE machine its overlay names, and what may share a node fits it together (k8s_tasks/sizing.py:
 GKE's published reservations). The WebUI never takes a training GPU."""
 
 from __future__ import annotations
 
 import pytest
-from gke_sizing import SHAPES, Shape, cpu, gib
 
 from k8s_tasks.overlays import ENVS, one
+from k8s_tasks.sizing import OVERLAY_MACHINES, SHAPES, Shape, cpu, gib
 from k8s_tasks.tools import REPO
 
 GPU = "nvidia.com/gpu"
 ACCELERATOR = "cloud.google.com/gke-accelerator"
-# Per overlay: each target machine and the pods that may land on one node of it at once. The merge may share
-# any node: it prefers CPU nodes but tolerates GPU ones (clusters with GPU pools only). A multi-node training
-# pod is one whole node.
-TARGETS = {
-    "dev": {"g2-standard-8": [("train", "merge"), ("webui", "merge")]},
-    "gpu": {"g2-standard-24": [("train", "webui", "merge")],
-            "a2-highgpu-1g": [("train", "merge"), ("webui", "merge")]},
-    "prod": {"a3-highgpu-8g": [("train", "merge")], "g2-standard-8": [("webui", "merge")]},
-    "multinode": {"a3-highgpu-8g": [("train", "merge")], "g2-standard-8": [("webui", "merge")]},
-}
 
 
 def _pod(docs: list[dict], component: str) -> dict:
@@ -46,7 +36,7 @@ def _fits(shape: Shape, pods: list[dict]) -> tuple[float, float]:
 
 def test_the_allocatable_formula_matches_gkes_published_examples() -> None:
     """GKE's own worked numbers for the reservations (before the kernel's share and the DaemonSets)."""
-    from gke_sizing import CPU_TIERS, MEMORY_TIERS, _reserved
+    from k8s_tasks.sizing import CPU_TIERS, MEMORY_TIERS, _reserved
 
     assert _reserved(4, MEMORY_TIERS) == pytest.approx(1.0)  # 25% of 4 GiB
     assert _reserved(8, MEMORY_TIERS) == pytest.approx(1.8)  # + 20% of the next 4
@@ -60,7 +50,7 @@ def test_the_allocatable_formula_matches_gkes_published_examples() -> None:
 
 @pytest.mark.parametrize("overlay", ENVS)
 def test_what_runs_together_fits_the_named_machines(overlay: str, docs: dict) -> None:
-    for name, groups in TARGETS[overlay].items():
+    for name, groups in OVERLAY_MACHINES[overlay].items():
         for group in groups:
             cpus, memory = _fits(SHAPES[name], [_pod(docs[overlay], c) for c in group])
             assert cpus >= 0 and memory >= 0, f"{overlay} on {name}: {group} leaves {cpus:.2f} CPU, {memory:.1f} GiB"
@@ -70,7 +60,7 @@ def test_what_runs_together_fits_the_named_machines(overlay: str, docs: dict) ->
 def test_each_overlay_names_its_machines_in_its_kustomization_and_the_readme(overlay: str) -> None:
     kustomization = (REPO / "overlays" / overlay / "kustomization.yaml").read_text()
     readme = (REPO / "README.md").read_text()
-    for name in TARGETS[overlay]:
+    for name in OVERLAY_MACHINES[overlay]:
         assert name in kustomization, f"overlays/{overlay} does not name {name}"
         assert f"`{name}`" in readme, f"README does not name {name}"
 

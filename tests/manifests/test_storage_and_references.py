@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from kustomize_helpers import containers, pod_specs
 from pod_security import restricted_violations
 
@@ -78,23 +80,28 @@ def test_every_reference_resolves(overlay: str, docs: dict) -> None:
             assert ("PersistentVolume", claim["spec"]["volumeName"]) in objects
 
 
-def test_filestore_component_switches_to_a_dynamic_rwx_class(manifest_tree: Path) -> None:
-    """An overlay can swap the external NFS for GKE Filestore by adding components/filestore."""
-    overlay = manifest_tree / "overlays" / "filestore-example"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "resources:\n  - ../gpu\ncomponents:\n  - ../../components/filestore\n"
-    )
-    docs = parse(render(overlay))
+@pytest.mark.parametrize("overlay", ENVS)
+def test_filestore_component_can_be_enabled_in_each_shipped_overlay(overlay: str, manifest_tree: Path,
+                                                                    tmp_path: Path) -> None:
+    """As components/filestore says: add it to an overlay's `components:`, before job-identity, and change nothing
+    else (the overlay's NFS volume patch stays, patching by target what is no longer there)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(manifest_tree, tree, ignore=shutil.ignore_patterns("render-*.yaml", "filestore-example"))
+    kustomization = tree / "overlays" / overlay / "kustomization.yaml"
+    data = yaml.safe_load(kustomization.read_text())
+    assert any(p["path"] == "patches/persistentvolume.nfs-server.yaml" for p in data["patches"])
+    components = data["components"]
+    components.insert(components.index("../../components/job-identity"), "../../components/filestore")
+    kustomization.write_text(yaml.safe_dump(data, sort_keys=False))
+    docs = parse(render(kustomization.parent))
     assert not find(docs, "PersistentVolume")
     claim = one(docs, "PersistentVolumeClaim")
     assert claim["metadata"]["name"] == "llama-storage"
     assert claim["spec"]["storageClassName"] == "standard-rwx"
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "volumeName" not in claim["spec"]
-    assert _gi(claim["spec"]["resources"]["requests"]["storage"]) >= 1024, (
-        "Filestore's smallest tier is 1 TiB"
-    )
+    assert _gi(claim["spec"]["resources"]["requests"]["storage"]) >= 1024, "Basic HDD's minimum is 1 TiB"
     for name, spec in pod_specs(docs):
         assert restricted_violations(spec) == [], name
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ["llama-storage"], name

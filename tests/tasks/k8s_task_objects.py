@@ -19,7 +19,8 @@ DEPLOYED = {
     "multinode": ImageRef(REGISTRY, tag="0123456789ab"),
 }
 # Kinds the fake cluster answers for; deploy never applies Jobs.
-DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service")
+DEPLOYED_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount", "Deployment", "Service",
+                  "Namespace", "PersistentVolume")
 # Renders of identical trees (every test gets its own copy) are made once.
 _RENDERS: dict[tuple[str, ImageRef, str], list[dict[str, Any]]] = {}
 
@@ -127,3 +128,92 @@ def local_queue(name: str) -> dict[str, Any]:
 def config_map(name: str, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "llm-training"},
             "data": data}
+
+
+def bound(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deployed objects once the storage claim is Bound to its volume, as the API server reports them."""
+    out = copy.deepcopy(objects)
+    for doc in out:
+        if doc["kind"] == "PersistentVolumeClaim":
+            doc["metadata"]["uid"] = "claim-uid-1"
+            doc["status"] = {"phase": "Bound", "accessModes": doc["spec"]["accessModes"],
+                             "capacity": {"storage": doc["spec"]["resources"]["requests"]["storage"]}}
+        if doc["kind"] == "PersistentVolume":
+            doc["spec"]["claimRef"]["uid"] = "claim-uid-1"
+            doc["status"] = {"phase": "Bound"}
+    return out
+
+
+def node(name: str, *, pool: str, machine: str, cpu: str, memory: str, gpus: int = 0, accelerator: str = "",
+         gpu_label: bool = True, spot: bool = False, taints: list[dict[str, str]] | None = None, ready: bool = True,
+         region: str = "us-central1") -> dict[str, Any]:
+    """A GKE node: the labels GKE sets (pool, machine type, accelerator, Spot, region) and its allocatable."""
+    labels = {"cloud.google.com/gke-nodepool": pool, "node.kubernetes.io/instance-type": machine,
+              "topology.kubernetes.io/region": region, "kubernetes.io/hostname": name}
+    allocatable = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if accelerator:
+        labels["cloud.google.com/gke-accelerator"] = accelerator
+        allocatable["nvidia.com/gpu"] = str(gpus)
+        if gpu_label:
+            labels["nvidia.com/gpu"] = "true"  # what the quickstart's --node-labels adds
+    if spot:
+        labels["cloud.google.com/gke-spot"] = "true"
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+            "spec": {"taints": taints or []},
+            "status": {"allocatable": allocatable, "capacity": allocatable,
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+# Allocatable of the machines, by GKE's formula (k8s_tasks/sizing.py), as the kubelet reports it.
+def gpu_node(name: str = "gke-train-gpu-l4-1", **overrides: Any) -> dict[str, Any]:
+    values = {"pool": "gpu-l4", "machine": "g2-standard-24", "cpu": "23870m", "memory": "89967616Ki", "gpus": 2,
+              "accelerator": "nvidia-l4", **overrides}
+    return node(name, **values)
+
+
+def cpu_node(name: str = "gke-train-default-pool-1") -> dict[str, Any]:
+    return node(name, pool="default-pool", machine="e2-standard-8", cpu="7910m", memory="28732416Ki")
+
+
+def daemon_set(name: str, app: str) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": "kube-system", "labels": {"k8s-app": app}},
+            "spec": {"selector": {"matchLabels": {"k8s-app": app}},
+                     "template": {"metadata": {"labels": {"k8s-app": app}},
+                                  "spec": {"containers": [{"name": name, "image": "x"}]}}}}
+
+
+def event(kind: str, name: str, reason: str, message: str, type_: str = "Warning") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{name}.{reason.lower()}", "namespace": "llm-training"},
+            "involvedObject": {"kind": kind, "name": name, "namespace": "llm-training"},
+            "reason": reason, "message": message, "type": type_}
+
+
+def pod_state(manifest: dict[str, Any], phase: str = "Pending", *, waiting: tuple[str, str] | None = None,
+              unschedulable: str | None = None, exit_code: int | None = None, message: str = "",
+              node_name: str | None = "gke-train-default-pool-1", reason: str | None = None) -> dict[str, Any]:
+    """The created pod (its manifest as sent) in a given state, as the API server returns it."""
+    state = copy.deepcopy(manifest)
+    container = state["spec"]["containers"][0]["name"]
+    if unschedulable is not None:
+        node_name = None
+    if node_name:
+        state["spec"]["nodeName"] = node_name
+    conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}] \
+        if unschedulable is not None else []
+    if exit_code is not None:
+        current = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                  "message": message, "finishedAt": "2026-01-02T03:05:00Z"}}
+    elif waiting is not None:
+        current = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
+    elif phase == "Running":
+        current = {"running": {"startedAt": "2026-01-02T03:04:30Z"}}
+    else:
+        current = None
+    statuses = [] if current is None else [{"name": container, "ready": phase == "Running", "restartCount": 0,
+                                             "image": container, "imageID": "", "state": current}]
+    state["status"] = {"phase": phase, "conditions": conditions, "containerStatuses": statuses}
+    if reason:
+        state["status"]["reason"] = reason
+    return state

@@ -24,8 +24,8 @@ from k8s_tasks.plan import run_plan
 from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "status", "test", "train",
-         "ui", "validate")
+TASKS = ("bench", "build", "cleanup", "demo", "deploy", "doctor", "generate", "logs", "merge", "prepare-storage",
+         "push", "status", "test", "train", "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
 REGISTRY_ENV = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "REPOSITORY": "training"}
 
@@ -38,7 +38,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def test_list_shows_every_task_with_its_help() -> None:
     result = invoke("--list")
     assert result.returncode == 0, result.stderr
-    listed = dict(re.findall(r"^  (\w+)\s+(\S.*)$", result.stdout, re.MULTILINE))
+    listed = dict(re.findall(r"^  ([\w-]+)\s+(\S.*)$", result.stdout, re.MULTILINE))
     assert sorted(listed) == sorted(TASKS)
     assert all(len(text) > 20 for text in listed.values()), listed
 
@@ -194,7 +194,7 @@ def test_each_task_passes_arguments_its_action_takes(task: str, monkeypatch: pyt
         if inspect.isfunction(function) and function.__module__ == actions.__name__:
             monkeypatch.setattr(actions, name, lambda *a, _f=function, **k: bound.append(
                 inspect.signature(_f).bind(*a, **k)))
-    body = getattr(tasks, task).body
+    body = getattr(tasks, task.replace("-", "_")).body
     required = [p for p in list(inspect.signature(body).parameters.values())[1:] if p.default is p.empty]
     body(Context(), *["jobs" for _ in required])
     assert len(bound) == 1

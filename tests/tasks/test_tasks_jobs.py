@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from k8s_task_objects import DEPLOYED, REGISTRY, deployed, job, local_queue
 from k8s_tasks.image import ImageRef
 from k8s_tasks.jobs import default_name, job_from_template, plan_start, validate_name
 from k8s_tasks.overlays import with_components
+from k8s_tasks.plan import run_plan
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -168,3 +170,22 @@ def test_the_created_jobs_are_valid_kubernetes(started: dict, tmp_path: Path) ->
     result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.31",
                              *files], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("env", "region", "note"), [
+    ("gpu", None, "shape: 8 CPU, 48 GiB, 1 GPU; sized for g2-standard-24 or a2-highgpu-1g; about $2.00/h on-demand, "
+                  "$1.12/h Spot for 1 x g2-standard-24 (us-central1 list prices of 2026-07-30) while it runs"),
+    ("multinode", "europe-west4", "shape: 2 pods of 64 CPU, 640 GiB, 8 GPUs each; sized for a3-highgpu-8g; about "
+                                  "$225.08/h on-demand, $88.24/h Spot for 2 x a3-highgpu-8g (europe-west4 list "
+                                  "prices of 2026-07-30) while it runs"),
+])
+def test_a_training_plan_notes_its_shape_and_price(env: str, region: str | None, note: str, tree: Path) -> None:
+    """What `invoke train --dry-run` prints before anything starts (from the list prices in k8s_tasks/prices.py)."""
+    cluster = FakeCluster(deployed(env, tree))
+    plan, _ = plan_start(env, "train", cluster, now=NOW, root=tree, region=region)
+    assert note in plan.notes
+    out = io.StringIO()
+    run_plan(plan, dry_run=True, out=out, root=tree)
+    assert f"note: {note}" in out.getvalue()
+    merge, _ = plan_start(env, "merge", cluster, now=NOW, root=tree, region=region)
+    assert not any(n.startswith("shape:") for n in merge.notes)
