@@ -22,7 +22,7 @@ from k8s_tasks.ui import in_cluster_service
 README = REPO / "README.md"
 GUIDE = REPO / "docs" / "PRZEWODNIK-UZYCIA.md"
 SECTIONS = {README: "### Quickstart: from an empty GCP project to a training Job",
-            GUIDE: "## 9. Szybki start: od pustego projektu GCP do treningu"}
+            GUIDE: "## 10. Szybki start: od pustego projektu GCP do treningu"}
 ENV = "gpu"  # the overlay the quickstart sets up
 # The flags each gcloud command may take here, from the gcloud reference (cloud.google.com/sdk/gcloud/reference:
 # container clusters create, container node-pools create, artifacts repositories ..., filestore instances ...).
