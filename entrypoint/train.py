@@ -263,9 +263,9 @@ def train_follower(plan: TrainPlan, decision: Decision) -> int:
 
     settings = plan.settings
     node = f"node {settings.node_rank} of {settings.nnodes}"
-    args = tokenized.prepare(plan, worker.launch_args(plan, decision))  # waits for node 0 to tokenize
     log.info("%s: %s (fingerprint %s); joining node 0 at %s:%d", node, decision.reason, plan.fingerprint[:12],
              settings.master_addr, settings.master_port)
+    args = tokenized.prepare(plan, worker.launch_args(plan, decision))  # waits for node 0 to tokenize
     result = worker.launch_torchrun(plan, args, worker.procs_per_node(settings), None, None)
     deadline = time.monotonic() + MARKER_WAIT_SECONDS
     while (read_marker(plan.output) or {}).get("fingerprint") != plan.fingerprint:
