@@ -5,7 +5,7 @@ resume, every node and every later run whose tokenization would come out the sam
   which then loads it instead of reading and tokenizing the records.
 - Key: a digest of everything tokenization reads: the datasets (their dataset_info entries and their files'
   content), the tokenizer (every file of the base model but its weights), the LLaMA-Factory data and model
-  arguments (template, cutoff_len, max_samples, packing, train_on_prompt, ...), the stage and the seed (the
+  arguments (template, cutoff_len, max_samples, packing, train_on_prompt, ...), the stage and `seed` (the
   validation split and dataset mixing use it), and the versions of the libraries that tokenize. Training
   arguments (learning rate, epochs, LoRA rank, ...) are not in it: changing them reuses the cache. Anything
   unknown counts: an argument of LLaMA-Factory's data or model classes is in the key unless listed below
@@ -51,7 +51,7 @@ NOT_IN_KEY = {
     "overwrite_cache", "data_shared_file_system", "model_name_or_path", "cache_dir", "hf_hub_token",
     "ms_hub_token", "om_hub_token",
 }
-# Training arguments that do: the validation split and the mixing of datasets draw from the seed.
+# Training arguments that do: the validation split and the mixing of datasets draw from `seed`.
 TRAINING_KEYS_IN_KEY = ("stage", "seed", "do_train", "do_eval", "do_predict", "predict_with_generate")
 LIBRARIES = ("llamafactory", "transformers", "tokenizers", "datasets")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
