@@ -2,7 +2,7 @@
 and again at random moments, each time started again as the Job controller would, and must end as if it had
 never been stopped.
 
-SIGTERM (what a Spot preemption, a drain or a deleted Job sends) six times: while the dataset is tokenized,
+SIGTERM (what a Spot preemption, a drain or a deleted Job sends) five times: while the dataset is tokenized,
 just after the start, while a checkpoint is saved, and at random steps. SIGKILL (an OOM kill, a lost node)
 three times: while tokenizing, while saving and at a random step, with a short lock TTL. Then:
 
