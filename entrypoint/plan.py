@@ -40,6 +40,7 @@ OWNED_KEYS = {
     "resume_from_checkpoint": "(resume is automatic)",
     "report_to": "TRACKING",
     "logging_dir": "(kept inside LORA_OUTPUT_PATH)",
+    "tokenized_path": "(tokenized once, into .tokenized beside LORA_OUTPUT_PATH)",
 }
 # Arguments that do not change the trained result: left out of the run's identity, so changing them on a
 # finished run does not count as a different config. Besides the settings marked so (settings.py): where

@@ -259,14 +259,14 @@ def train_follower(plan: TrainPlan, decision: Decision) -> int:
     """A node other than node 0: no lock, nothing written to the storage. Its processes join node 0's
     rendezvous and train with global rank 0's arguments; it succeeds once node 0 has marked the output
     complete, so the Job succeeds only when the output is complete."""
-    from entrypoint import worker
+    from entrypoint import tokenized, worker
 
     settings = plan.settings
     node = f"node {settings.node_rank} of {settings.nnodes}"
     log.info("%s: %s (fingerprint %s); joining node 0 at %s:%d", node, decision.reason, plan.fingerprint[:12],
              settings.master_addr, settings.master_port)
-    result = worker.launch_torchrun(plan, worker.launch_args(plan, decision), worker.procs_per_node(settings), None,
-                                    None)
+    args = tokenized.prepare(plan, worker.launch_args(plan, decision))  # waits for node 0 to tokenize
+    result = worker.launch_torchrun(plan, args, worker.procs_per_node(settings), None, None)
     deadline = time.monotonic() + MARKER_WAIT_SECONDS
     while (read_marker(plan.output) or {}).get("fingerprint") != plan.fingerprint:
         if time.monotonic() >= deadline:

@@ -486,12 +486,14 @@ def uses_torchrun(plan: TrainPlan, nproc: int) -> bool:
 def run_training(plan: TrainPlan, decision: Decision, nproc: int, tracker: Tracker | NullTracker,
                  lock: OutputLock) -> None:
     """Node 0's training, in this process or under torchrun; returns once the final weights are saved."""
-    args = launch_args(plan, decision)
+    from entrypoint import tokenized
+
+    stop = StopFlag(plan.settings.termination_grace_seconds)
+    stop.install()  # SIGTERM while tokenizing: exit 143, nothing published
+    args = tokenized.prepare(plan, launch_args(plan, decision), lock.token_check.check)
     if uses_torchrun(plan, nproc):
         launch_torchrun(plan, args, nproc, tracker.run_id, lock.token_check)
         return
-    stop = StopFlag(plan.settings.termination_grace_seconds)
-    stop.install()
     train(args, checkpoint_on_stop(plan.settings), stop, tracker, lock.token_check, lock.lost,
           plan.settings.save_minutes)
 

@@ -111,8 +111,9 @@ def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resum
     marker = storage.marker()
     assert marker is not None and marker["mlflow_run_id"] == run_id
     assert (storage.output / "adapter_model.safetensors").stat().st_size > 0
-    assert sorted(p.name for p in storage.output.parent.iterdir()) == [storage.output.name], (
-        "one output: nothing moved aside, no second output, no lock left")
+    assert sorted(p.name for p in storage.output.parent.iterdir()) == [".tokenized", storage.output.name], (
+        "one output and its tokenized dataset: nothing moved aside, no second output, no lock left")
+    assert len(list((storage.output.parent / ".tokenized").iterdir())) == 1, "node 0 alone tokenized"
     state = json.loads((storage.output / "trainer_state.json").read_text())
     # 8 records, 2 per rank and step: with two ranks an epoch takes 2 steps (with one it would take 4).
     assert state["global_step"] == STEPS and state["epoch"] == STEPS / 2
@@ -137,7 +138,8 @@ def test_two_nodes_train_one_output_and_a_killed_rank_fails_both_then_both_resum
 def test_a_node_other_than_zero_refuses_alike_and_never_writes_the_storage(storage: Storage, tmp_path: Path):
     """Node 1 decides from the same storage as node 0 but acts on it only through node 0: it refuses the same
     foreign output with the same code, and with REPLACE_OUTPUT it moves nothing aside, takes no lock, writes no
-    run.json; without a node 0 it gives up at the rendezvous (DDP_TIMEOUT) with the retriable code."""
+    run.json; without a node 0 it gives up waiting for node 0's tokenized dataset (DDP_TIMEOUT) with the retriable
+    code."""
     storage.output.mkdir(parents=True)
     (storage.output / "notes.txt").write_text("someone else's files")
     shared = storage.output.parent  # the output, its lock and anything moved aside beside it
@@ -156,8 +158,9 @@ def test_a_node_other_than_zero_refuses_alike_and_never_writes_the_storage(stora
 
     t0 = time.monotonic()
     alone = run_entrypoint("train", storage.env(**env, NODE_RANK="1", REPLACE_OUTPUT="true", DDP_TIMEOUT="10"))
-    assert alone.returncode == ExitCode.INTERNAL, alone.stderr[-3000:]
+    assert alone.returncode == ExitCode.TEMPORARY, alone.stderr[-3000:]
     assert "node 1 of 2: output holds files this tool did not write: moving it aside" in alone.stderr
+    assert "node 0 did not publish the tokenized dataset" in alone.stderr
     assert time.monotonic() - t0 < 120
     assert snapshot(shared) == before, "node 1 wrote to the storage"
 
