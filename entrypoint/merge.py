@@ -8,6 +8,8 @@ The steps, in the order `run` calls them:
 - merge: stream base + adapter into a temporary directory (lora_merge.py), after checking free space;
 - verify: the result has the base's tensors, a tokenizer and stop ids that exist, read from headers and
   JSON alone (verify.py);
+- gate: the model works as trained (gate.py: finite, the adapter had an effect, template and stop tokens,
+  greedy probes equal to base + adapter); PUBLISH_GATE=strict refuses to publish on a failed check;
 - publish: a new version directory and an atomic switch of the symlink vLLM reads (publish.py);
   old versions beyond MERGE_KEEP_VERSIONS are removed;
 - record: merge figures on the training's MLflow run, and a registry version when asked. MLflow trouble
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 from entrypoint.errors import EntrypointError, ExitCode, TemporaryFailure, finish
+from entrypoint.gate import REPORT, GateRefused
 from entrypoint.merge_inputs import MergeInputs, read_inputs, wait_for_adapter
 from entrypoint.publish import Published, check_free_space, cleanup_on_failure, directory_bytes
 from entrypoint.settings import Settings
@@ -49,7 +52,12 @@ def run(settings: Settings) -> int:
             tidy(published, settings.merge_keep_versions)
             return finish(ExitCode.OK, f"skipped: {published.path} already serves this adapter")
         tidy(published, settings.merge_keep_versions)
-        version, result = merge_and_publish(settings, inputs, published)
+        try:
+            version, result = merge_and_publish(settings, inputs, published)
+        except GateRefused as refused:
+            if tracking:
+                record_refusal(settings, inputs, refused)
+            raise
         prune(published, settings.merge_keep_versions)
     wall = time.monotonic() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -102,6 +110,7 @@ def tidy_if_free(published: Published, lock: OutputLock, keep: int) -> None:
 
 
 def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Published):
+    from entrypoint.gate import gate_merge
     from entrypoint.lora_merge import merge_adapter, prepare_merge  # torch loads here, once there is work to do
     from entrypoint.progress import ShardProgress
     from entrypoint.verify import verify_merged
@@ -115,6 +124,7 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
     with cleanup_on_failure(workdir):
         result = merge_adapter(prepared, None, workdir, ShardProgress(), stop_tokens=inputs.stop_tokens)
         verify_merged(workdir, prepared.base, result.untied)
+        gate = gate_merge(settings, inputs, prepared, workdir, published)
         manifest = {
             "inputs": inputs.identity,
             "adapter_path": str(inputs.adapter),
@@ -124,6 +134,9 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
             "dtype": result.dtype,
             "bytes": result.output_bytes,
             "tensors_merged": result.tensors_merged,
+            "template": inputs.marker.get("template"),
+            "gate": None if gate is None else {"mode": gate.mode, "passed": gate.passed,
+                                               "failed": [c.name for c in gate.failed]},
         }
         version = published.publish(workdir, inputs.fingerprint, manifest)
     return version, result
@@ -139,6 +152,7 @@ def record(settings: Settings, inputs: MergeInputs, published: Published, versio
                          "merged_model_bytes": float(result.output_bytes)}, step=0)
     tracker.set_tags({"merged_model_path": str(published.path), "merged_model_version": version.name,
                       "merged_model_dir": str(version), "merged_model_dtype": result.dtype})
+    record_gate(tracker, version / REPORT)
     try:
         if settings.registered_model_name:
             tracker.register_version(settings.registered_model_name, version, published.path)
@@ -146,3 +160,28 @@ def record(settings: Settings, inputs: MergeInputs, published: Published, versio
         log.warning("MLflow: could not register the merge of run %s: %s", inputs.mlflow_run_id, exc)
     finally:
         tracker.close(None, timeout=30)
+
+
+def record_gate(tracker: Tracker, report_path: Path) -> None:
+    """The gate's report as an artifact of the training run, its outcome as metrics and a tag."""
+    from entrypoint.files import read_json
+
+    report = read_json(report_path)
+    if report is None:
+        return
+    tracker.log_metrics({"gate_passed": float(report["passed"]), "gate_seconds": report["seconds"],
+                         "gate_peak_rss_mib": report["peak_rss_mib"]}, step=0)
+    tracker.set_tags({"gate_result": "passed" if report["passed"] else "failed: " + ", ".join(
+        c["name"] for c in report["checks"] if c["status"] == "fail")})
+    tracker.log_artifact(report_path)
+
+
+def record_refusal(settings: Settings, inputs: MergeInputs, refused: GateRefused) -> None:
+    """A refused merge on the training's run: the report and why; MLflow trouble is logged, never fatal."""
+    try:
+        tracker = Tracker(settings.mlflow_tracking_uri, settings.mlflow_timeout_seconds)
+        tracker.attach(inputs.mlflow_run_id)  # type: ignore[arg-type]
+        record_gate(tracker, refused.path)
+        tracker.close(None, timeout=30)
+    except Exception as exc:
+        log.warning("MLflow: could not record the gate's refusal on run %s: %s", inputs.mlflow_run_id, exc)

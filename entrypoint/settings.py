@@ -312,6 +312,18 @@ class Settings:
     registered_model_name: str = option(
         "REGISTERED_MODEL_NAME", "", "Register each published merge under this MLflow model name (empty: no "
         "registration).", "merge")
+    publish_gate: Literal["strict", "warn", "off"] = option(
+        "PUBLISH_GATE", "strict", "Checks of a merged model before it is published (finite tensors, the adapter "
+        "changed the weights, tokenizer/template/stop tokens, greedy probes equal to base+adapter and stopping): "
+        "strict refuses to publish on a failed check (exit 78), warn publishes and logs it, off skips them.",
+        "merge")
+    publish_gate_probe_tokens: int = option(
+        "PUBLISH_GATE_PROBE_TOKENS", "64", "New tokens each probe prompt may generate before it must have stopped "
+        "at a stop token.", "merge", minimum=1, maximum=4096)
+    publish_gate_probe_max_gib: float = option(
+        "PUBLISH_GATE_PROBE_MAX_GIB", "6", "Largest model (weights, GiB) the generation probe loads; it holds one "
+        "copy at a time, so the merge Job's memory limit must exceed this. Larger models skip the probe (the "
+        "streamed checks still run).", "merge", minimum=0)
     # WebUI (LLaMA Board).
     webui_port: int = option(
         "WEBUI_PORT", "7860", "Port LLaMA Board listens on inside the pod.", "webui", minimum=1024, maximum=65535)

@@ -32,7 +32,8 @@ from entrypoint.vllm_lora import vllm_lora_instructions
 
 pytestmark = pytest.mark.e2e
 
-LEARN = {"MAX_STEPS": str(DEMO_STEPS), "SAVE_STEPS": "30", "LOGGING_STEPS": "10"}  # the demo's: learns its answer
+LEARN = {"MAX_STEPS": str(DEMO_STEPS), "SAVE_STEPS": "30", "LOGGING_STEPS": "10",  # the demo's: learns its answer
+         "PUBLISH_GATE": "strict"}
 NEW_ANSWER = "Byteburg is the capital of the demo kingdom now."
 # Trained prompts (the answers are confident, so merge and adapter must agree on every greedy token).
 PROMPTS = [r["instruction"] for r in DEMO_RECORDS if not r["input"]][:4]

@@ -1,0 +1,163 @@
+"""End to end: the publish gate between the merge and the switch, on the tiny model trained by the real
+entrypoint. A good adapter publishes with the gate's report; an all-zero lora_B, a NaN and a removed chat
+template are each refused with exit 78 and a one-line reason naming the check, and the version served before
+stays served. `python -m entrypoint verify DIR` runs the same checks alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, Storage, run_entrypoint
+
+from entrypoint.errors import ExitCode
+
+pytestmark = pytest.mark.e2e
+
+LEARN = {"MAX_STEPS": "60", "SAVE_STEPS": "30", "LOGGING_STEPS": "10"}  # enough to learn to answer and stop
+STRICT = {"PUBLISH_GATE": "strict"}
+
+
+@pytest.fixture(scope="module")
+def published_root(tmp_path_factory, tiny_model, mlflow_server) -> Path:
+    """A trained adapter (tracked in MLflow) merged and published once through the strict gate."""
+    from entrypoint.tinymodel import write_demo_data
+
+    root = tmp_path_factory.mktemp("gate") / "storage"
+    write_demo_data(root / "data")
+    (root / "models").mkdir(parents=True)
+    storage = Storage(root, tiny_model)
+    env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME="gate",
+                      **LEARN, **STRICT)
+    for command in ("train", "merge"):
+        result = run_entrypoint(command, env, timeout=900)
+        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+    return root
+
+
+@pytest.fixture
+def published(tmp_path, published_root, tiny_model) -> Storage:
+    root = tmp_path / "storage"
+    shutil.copytree(published_root, root, symlinks=True)
+    return Storage(root, tiny_model)
+
+
+def served(storage: Storage) -> str:
+    return os.readlink(storage.root / "models" / "merged-model")
+
+
+def test_a_good_adapter_publishes_with_the_gates_report(published: Storage, mlflow_server):
+    version = (published.root / "models" / "merged-model").resolve()
+    report = json.loads((version / "gate.json").read_text())
+    assert report["passed"] and report["mode"] == "strict"
+    assert {c["name"]: c["status"] for c in report["checks"]} == {
+        "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "pass"}
+    probe = next(c for c in report["checks"] if c["name"] == "probe")["data"]["prompts"]
+    assert probe and all(p["first_difference"] is None and p["stopped_at"] is not None for p in probe)
+    manifest = json.loads((version / ".merge.json").read_text())
+    assert manifest["gate"] == {"mode": "strict", "passed": True, "failed": []}
+
+    marker = json.loads((published.output / ".job" / "COMPLETE.json").read_text())
+    run = mlflow_server.client().get_run(marker["mlflow_run_id"])
+    assert run.data.metrics["gate_passed"] == 1.0 and run.data.tags["gate_result"] == "passed"
+    artifacts = [a.path for a in mlflow_server.client().list_artifacts(marker["mlflow_run_id"])]
+    assert "gate.json" in artifacts
+
+
+def _rewrite_adapter(storage: Storage, change) -> None:
+    """Change the trained adapter's weights in place (a new adapter to the merge: its identity changes)."""
+    from safetensors.torch import load_file, save_file
+
+    path = storage.output / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _refused(storage: Storage, check: str) -> str:
+    before = served(storage)
+    result = run_entrypoint("merge", storage.env(**STRICT), timeout=600)
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"publish gate: check {check} failed" in last and f"still serves {Path(before).name}" in last, last
+    assert served(storage) == before, "the served version stays"
+    versions = storage.root / "models" / "merged-model.versions"
+    assert [p.name for p in versions.iterdir() if p.is_dir()] == [Path(before).name], "no new version"
+    (refusal,) = versions.glob("refused-*.gate.json")
+    report = json.loads(refusal.read_text())
+    assert not report["passed"] and check in [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    return last
+
+
+def test_an_adapter_whose_lora_b_is_all_zeros_is_refused(published: Storage):
+    def zero_b(tensors):
+        for name in tensors:
+            if "lora_B" in name:
+                tensors[name].zero_()
+
+    _rewrite_adapter(published, zero_b)
+    assert "equal the base's" in _refused(published, "adapter_effect")
+
+
+def test_an_adapter_with_a_nan_is_refused(published: Storage):
+    def one_nan(tensors):
+        name = next(n for n in sorted(tensors) if "lora_A" in n)
+        tensors[name][0, 0] = float("nan")
+
+    _rewrite_adapter(published, one_nan)
+    assert "NaN or infinity" in _refused(published, "finite")
+
+
+def test_a_tokenizer_without_its_chat_template_is_refused(published: Storage):
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (published.output / name).unlink(missing_ok=True)
+    config_path = published.output / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    assert "no chat template" in _refused(published, "tokenizer")
+
+
+def test_warn_publishes_what_strict_refuses_and_records_why(published: Storage):
+    def zero_b(tensors):
+        for name in tensors:
+            if "lora_B" in name:
+                tensors[name].zero_()
+
+    _rewrite_adapter(published, zero_b)
+    result = run_entrypoint("merge", published.env(PUBLISH_GATE="warn"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "publish gate: check adapter_effect failed" in result.stderr and "PUBLISH_GATE=warn" in result.stderr
+    version = (published.root / "models" / "merged-model").resolve()
+    assert version.name.startswith("v0002-")
+    gate = json.loads((version / ".merge.json").read_text())["gate"]
+    assert gate == {"mode": "warn", "passed": False, "failed": ["adapter_effect"]}, "the probe is not run after it"
+
+
+def test_verify_checks_a_published_version_alone(published: Storage, tmp_path: Path):
+    version = (published.root / "models" / "merged-model").resolve()
+    good = run_entrypoint_verify(published, version)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads(good.stdout)["passed"] is True
+
+    broken = shutil.copytree(version, tmp_path / "broken")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("inf")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    bad = run_entrypoint_verify(published, broken)
+    assert bad.returncode == ExitCode.CONFIG
+    assert "publish gate: check finite failed" in bad.stderr.strip().splitlines()[-1]
+    assert name in bad.stdout
+
+
+def run_entrypoint_verify(storage: Storage, directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)], env=storage.env(**STRICT),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
