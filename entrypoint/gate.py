@@ -377,7 +377,12 @@ def probe_prompts(settings: Any, limit: int = PROBE_PROMPTS) -> tuple[list[dict[
 
 def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: Iterable[str],
                 template: Mapping[str, Any] | None) -> GateInputs:
-    return GateInputs(base, adapter, tuple(targets), dict(template or {}), probe_prompts(settings),
+    try:
+        prompts = probe_prompts(settings)
+    except ConfigError as exc:  # e.g. an adapter trained elsewhere (MERGE_UNMARKED_ADAPTER) without its data here
+        log.warning("publish gate: no probe prompts from the training data: %s", exc)
+        prompts = ()
+    return GateInputs(base, adapter, tuple(targets), dict(template or {}), prompts,
                       settings.publish_gate_probe_tokens, settings.publish_gate_probe_max_gib * GIB)
 
 

@@ -10,10 +10,12 @@ The steps, in the order `run` calls them:
   JSON alone (verify.py);
 - gate: the model works as trained (gate.py: finite, the adapter had an effect, template and stop tokens,
   greedy probes equal to base + adapter); PUBLISH_GATE=strict refuses to publish on a failed check;
+- lineage: lineage.json and a README.md model card in the version (lineage.py);
 - publish: a new version directory and an atomic switch of the symlink vLLM reads (publish.py);
   old versions beyond MERGE_KEEP_VERSIONS are removed;
-- record: merge figures on the training's MLflow run, and a registry version when asked. MLflow trouble
-  is never fatal to a merge: it is logged, and the model is published all the same.
+- record: merge figures, the gate's report and the dataset (an MLflow dataset input) on the training's MLflow
+  run, and a registry version with the alias `candidate` (and `champion` when it passed the gate) when
+  asked. MLflow trouble is never fatal to a merge: it is logged, and the model is published all the same.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import time
 from pathlib import Path
 
 from entrypoint.errors import EntrypointError, ExitCode, TemporaryFailure, finish
+from entrypoint.files import read_json
 from entrypoint.gate import REPORT, GateRefused
+from entrypoint.lineage import CARD, LINEAGE, log_dataset_input
 from entrypoint.merge_inputs import MergeInputs, read_inputs, wait_for_adapter
 from entrypoint.publish import Published, check_free_space, cleanup_on_failure, directory_bytes
 from entrypoint.settings import Settings
@@ -111,6 +115,7 @@ def tidy_if_free(published: Published, lock: OutputLock, keep: int) -> None:
 
 def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Published):
     from entrypoint.gate import gate_merge
+    from entrypoint.lineage import build_lineage, dataset_statistics, summary, write_lineage
     from entrypoint.lora_merge import merge_adapter, prepare_merge  # torch loads here, once there is work to do
     from entrypoint.progress import ShardProgress
     from entrypoint.verify import verify_merged
@@ -138,6 +143,9 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
             "gate": None if gate is None else {"mode": gate.mode, "passed": gate.passed,
                                                "failed": [c.name for c in gate.failed]},
         }
+        lineage = build_lineage(settings, inputs, f"v{published.next_number():04d}", result,
+                                summary(gate.as_dict()) if gate else None, dataset_statistics(settings))
+        write_lineage(workdir, lineage)
         version = published.publish(workdir, inputs.fingerprint, manifest)
     return version, result
 
@@ -153,9 +161,18 @@ def record(settings: Settings, inputs: MergeInputs, published: Published, versio
     tracker.set_tags({"merged_model_path": str(published.path), "merged_model_version": version.name,
                       "merged_model_dir": str(version), "merged_model_dtype": result.dtype})
     record_gate(tracker, version / REPORT)
+    for name in (LINEAGE, CARD):
+        tracker.log_artifact(version / name)
     try:
+        log_dataset_input(tracker, read_json(version / LINEAGE) or {})
         if settings.registered_model_name:
-            tracker.register_version(settings.registered_model_name, version, published.path)
+            number = tracker.register_version(settings.registered_model_name, version, published.path)
+            gate = (published.manifest(version) or {}).get("gate") or {}
+            aliases = ["candidate", *(["champion"] if gate.get("passed") else [])]
+            for alias in aliases:
+                tracker.client.set_registered_model_alias(settings.registered_model_name, alias, number)
+            log.info("MLflow: %s version %s has the aliases %s", settings.registered_model_name, number,
+                     ", ".join(aliases))
     except Exception as exc:
         log.warning("MLflow: could not register the merge of run %s: %s", inputs.mlflow_run_id, exc)
     finally:
@@ -164,8 +181,6 @@ def record(settings: Settings, inputs: MergeInputs, published: Published, versio
 
 def record_gate(tracker: Tracker, report_path: Path) -> None:
     """The gate's report as an artifact of the training run, its outcome as metrics and a tag."""
-    from entrypoint.files import read_json
-
     report = read_json(report_path)
     if report is None:
         return

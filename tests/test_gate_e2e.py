@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 
 LEARN = {"MAX_STEPS": "60", "SAVE_STEPS": "30", "LOGGING_STEPS": "10"}  # enough to learn to answer and stop
 STRICT = {"PUBLISH_GATE": "strict"}
+REGISTERED = "gate-demo"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def published_root(tmp_path_factory, tiny_model, mlflow_server) -> Path:
     (root / "models").mkdir(parents=True)
     storage = Storage(root, tiny_model)
     env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME="gate",
+                      REGISTERED_MODEL_NAME=REGISTERED, IMAGE="registry.example/llama-factory-train:test",
                       **LEARN, **STRICT)
     for command in ("train", "merge"):
         result = run_entrypoint(command, env, timeout=900)
@@ -66,7 +68,40 @@ def test_a_good_adapter_publishes_with_the_gates_report(published: Storage, mlfl
     run = mlflow_server.client().get_run(marker["mlflow_run_id"])
     assert run.data.metrics["gate_passed"] == 1.0 and run.data.tags["gate_result"] == "passed"
     artifacts = [a.path for a in mlflow_server.client().list_artifacts(marker["mlflow_run_id"])]
-    assert "gate.json" in artifacts
+    assert {"gate.json", "lineage.json", "README.md"} <= set(artifacts)
+
+
+def test_a_published_version_carries_its_lineage_and_model_card(published: Storage, mlflow_server):
+    from entrypoint.tinymodel import DEMO_RECORDS
+
+    version = (published.root / "models" / "merged-model").resolve()
+    lineage = json.loads((version / "lineage.json").read_text())
+    marker = json.loads((published.output / ".job" / "COMPLETE.json").read_text())
+    assert lineage["version"] == version.name[:5] and lineage["base_model"]["path"] == str(published.base)
+    assert lineage["base_model"]["identity"] == marker["inputs"]["model"]
+    assert lineage["adapter"]["config"]["r"] == json.loads((published.output / "adapter_config.json").read_text())["r"]
+    stats = lineage["dataset"]["statistics"]
+    assert stats["records"] == len(DEMO_RECORDS) and stats["tokens"] > stats["records"]
+    assert stats["share_truncated"] == round(stats["longer_than_cutoff"] / stats["measured"], 4)
+    assert lineage["dataset"]["names"] == ["train_data"] and lineage["dataset"]["identity"]
+    assert lineage["training"]["settings"] == marker["inputs"]["args"]
+    assert lineage["mlflow"] == {"run_id": marker["mlflow_run_id"], "experiment": "gate",
+                                 "tracking_uri": mlflow_server.uri}
+    assert lineage["image"] == "registry.example/llama-factory-train:test"
+    assert lineage["gate"]["passed"] and [c["name"] for c in lineage["gate"]["checks"]] == [
+        "finite", "adapter_effect", "tokenizer", "probe"]
+    card = (version / "README.md").read_text()
+    assert f"{len(DEMO_RECORDS)} records" in card and marker["mlflow_run_id"] in card and "probe: pass" in card
+
+    client = mlflow_server.client()
+    inputs = client.get_run(marker["mlflow_run_id"]).inputs.dataset_inputs
+    (dataset,) = [d.dataset for d in inputs]
+    assert dataset.name == "train_data" and json.loads(dataset.profile)["records"] == len(DEMO_RECORDS)
+    assert lineage["dataset"]["identity"].startswith(dataset.digest)
+
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
+    assert champion.version == candidate.version and champion.tags["storage_path"].endswith(version.name)
 
 
 def _rewrite_adapter(storage: Storage, change) -> None:
@@ -137,6 +172,7 @@ def test_warn_publishes_what_strict_refuses_and_records_why(published: Storage):
     assert version.name.startswith("v0002-")
     gate = json.loads((version / ".merge.json").read_text())["gate"]
     assert gate == {"mode": "warn", "passed": False, "failed": ["adapter_effect"]}, "the probe is not run after it"
+    assert "adapter_effect: fail" in (version / "README.md").read_text()
 
 
 def test_verify_checks_a_published_version_alone(published: Storage, tmp_path: Path):
