@@ -19,6 +19,8 @@ COMMANDS = {
     "merge": ("Merge the trained adapter into the base model and publish it for vLLM.", "entrypoint.merge"),
     "vllm-lora": ("Check whether vLLM can serve the adapter without merging; print the flags and load request.",
                   "entrypoint.vllm_lora"),
+    "rollback": ("Serve an earlier published version again (atomic switch of MERGED_MODEL_PATH); move the registry "
+                 "alias champion with it.", "entrypoint.rollback"),
     "verify": ("Run the publish gate's checks on a merged model directory; print the report.", "entrypoint.gate"),
     "webui": ("Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
               "entrypoint.webui"),
@@ -28,6 +30,8 @@ COMMANDS = {
 # Arguments of the commands that take any, passed to their run(settings, **arguments).
 ARGUMENTS: dict[str, tuple[tuple[tuple[str, ...], dict[str, str]], ...]] = {
     "verify": ((("directory",), {"help": "the model directory to check (a published version, or MERGED_MODEL_PATH)"}),),
+    "rollback": ((("--to",), {"help": "the version to serve, e.g. v0002 (default: the newest older than the served "
+                                      "one)"}),),
 }
 # One training process under torchrun, started by the train command itself: not for users, not in --help.
 WORKER = "_worker"

@@ -47,9 +47,16 @@ def run(settings: Settings) -> int:
     lock = OutputLock(lock_path_for(published.path), ttl=settings.lock_ttl_seconds, owner=owner_id(settings.pod_name))
     if published.serves(inputs.fingerprint):
         tidy_if_free(published, lock, settings.merge_keep_versions)
+        hand_off_if_asked(settings, inputs, published.current())  # type: ignore[arg-type]
         return finish(ExitCode.OK, f"skipped: {published.path} already serves this adapter "
                       f"({published.current().name})")  # type: ignore[union-attr]
 
+    rolled_back = published.rollbacks().get(inputs.fingerprint)
+    if rolled_back:
+        return finish(ExitCode.OK, f"skipped: this adapter was published as {rolled_back['version']} and rolled back "
+                      f"to {rolled_back['rolled_back_to']}; {published.path} keeps serving what the rollback chose. "
+                      f"To serve it again: python -m entrypoint rollback --to {rolled_back['version'][:5]} (or train "
+                      "a new adapter)")
     tracking = tracking_available(settings, inputs)
     with lock.held(settings.lock_wait_seconds):
         if published.serves(inputs.fingerprint):
@@ -69,7 +76,17 @@ def run(settings: Settings) -> int:
              result.output_bytes / MIB, result.dtype, result.tensors_merged, wall, peak_mib)
     if tracking:
         record(settings, inputs, published, version, result, wall, peak_mib)
+    hand_off_if_asked(settings, inputs, version)
     return finish(ExitCode.OK, f"published: {published.path} -> {version.name}")
+
+
+def hand_off_if_asked(settings: Settings, inputs: MergeInputs, version: Path) -> None:
+    """With VLLM_URL: the running vLLM gets the adapter of the served version (handoff.py)."""
+    if settings.vllm_url:
+        from entrypoint.handoff import hand_off
+
+        hand_off(settings.vllm_url, settings.vllm_api_key, settings.served_model_name, version.name,
+                 None if inputs.full else inputs.adapter, settings.merged_model_path)
 
 
 def tracking_available(settings: Settings, inputs: MergeInputs) -> bool:

@@ -342,6 +342,12 @@ class Settings:
     max_model_len: int = option("MAX_MODEL_LEN", "4096", "vLLM --max-model-len.", "vllm", minimum=1)
     tensor_parallel_size: int = option("TENSOR_PARALLEL_SIZE", "1", "vLLM --tensor-parallel-size.", "vllm",
                                        minimum=1, maximum=64)
+    vllm_url: str = option(
+        "VLLM_URL", "", "A running vLLM (http://host:8000) the merge hands each published adapter to: loaded at "
+        "runtime as <SERVED_MODEL_NAME>-vNNNN, the previous one unloaded (vLLM needs --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Empty: no hand-off.", "vllm")
+    vllm_api_key: str = option("VLLM_API_KEY", "", "vLLM's --api-key, sent as a bearer token by the hand-off.",
+                               "vllm", source="secret")
 
     def public(self) -> dict[str, Any]:
         """Everything but secrets: safe for logs and MLflow params."""

@@ -197,3 +197,55 @@ def test_verify_checks_a_published_version_alone(published: Storage, tmp_path: P
 def run_entrypoint_verify(storage: Storage, directory: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)], env=storage.env(**STRICT),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def run_command(storage: Storage, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrypoint", *args], env=storage.env(**STRICT, **env), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_rollback_serves_the_previous_version_moves_champion_and_a_remerge_does_not_undo_it(
+        published: Storage, mlflow_server):
+    registry = {"TRACKING": "mlflow", "MLFLOW_TRACKING_URI": mlflow_server.uri, "MLFLOW_EXPERIMENT_NAME": "gate",
+                "REGISTERED_MODEL_NAME": "rollback-demo"}
+    client = mlflow_server.client()
+    first = served(published)
+    versions, champions = [], []
+    for scale in (1.05, 1.1):  # two more adapters that still work: the trained one, its lora_B scaled a little
+        _rewrite_adapter(published, lambda tensors, s=scale: [t.mul_(s) for n, t in tensors.items() if "lora_B" in n])
+        result = run_command(published, "merge", MERGE_KEEP_VERSIONS="1", **registry)
+        assert result.returncode == 0, result.stderr[-3000:]
+        versions.append(served(published))
+        champions.append(client.get_model_version_by_alias("rollback-demo", "champion").version)
+    second, third = versions
+    kept = sorted(p.name for p in (published.root / "models" / "merged-model.versions").iterdir() if p.is_dir())
+    assert kept == [Path(second).name, Path(third).name] and first not in kept, \
+        "MERGE_KEEP_VERSIONS=1 keeps the served version and the rollback target"
+
+    back = run_command(published, "rollback", **registry)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert served(published) == second and "rolled back" in back.stderr.strip().splitlines()[-1]
+    assert client.get_model_version_by_alias("rollback-demo", "champion").version == champions[0]
+
+    again = run_command(published, "merge", MERGE_KEEP_VERSIONS="1", **registry)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert served(published) == second, "a merge of the rolled-back adapter does not undo the rollback"
+    assert "rolled back" in again.stderr and "rollback --to v0003" in again.stderr
+    assert (published.root / "models" / third).is_dir(), "the version rolled back from is kept"
+
+    forward = run_command(published, "rollback", "--to", "v0003", **registry)
+    assert forward.returncode == 0, forward.stderr[-3000:]
+    assert served(published) == third
+    assert client.get_model_version_by_alias("rollback-demo", "champion").version == champions[1]
+    assert "already serves this adapter" in run_command(published, "merge", **registry).stderr, \
+        "rolled forward: the same adapter is served, nothing to do"
+
+
+def test_rollback_to_a_version_that_does_not_exist_changes_nothing(published: Storage):
+    before = served(published)
+    missing = run_command(published, "rollback", "--to", "v0042")
+    assert missing.returncode == ExitCode.CONFIG
+    assert "no such version" in missing.stderr.strip().splitlines()[-1] and served(published) == before
+    nothing_older = run_command(published, "rollback")
+    assert nothing_older.returncode == ExitCode.CONFIG and "no version older than" in nothing_older.stderr
+    assert served(published) == before

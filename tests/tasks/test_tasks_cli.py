@@ -24,8 +24,8 @@ from k8s_tasks.plan import run_plan
 from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
-TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "status", "test", "train",
-         "ui", "validate")
+TASKS = ("bench", "build", "cleanup", "demo", "deploy", "generate", "logs", "merge", "push", "rollback", "status",
+         "test", "train", "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
 REGISTRY_ENV = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "REPOSITORY": "training"}
 
