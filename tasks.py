@@ -96,6 +96,16 @@ def prepare_storage(c: Context, env: str | None = None, recursive: bool = False,
     actions.prepare_storage(env=env, recursive=recursive, dry_run=dry_run)
 
 
+@task(help={**JOB_HELP, "name": "Job name (default: llama-rollback-<YYYYmmdd-HHMMSS>, UTC)",
+             "to": "the published version to serve, e.g. v0002 (default: the newest older than the served one; "
+                   "give it, so a retried Job does not roll back twice)"})
+def rollback(c: Context, env: str | None = None, to: str | None = None, name: str | None = None,
+             tag: str | None = None, follow: bool = False, dry_run: bool = False) -> None:
+    """Serve an earlier merged version again: a Job (the merge Job's template) runs `python -m entrypoint
+    rollback`, which switches MERGED_MODEL_PATH atomically and moves the registry alias champion."""
+    actions.rollback(env=env, to=to, name=name, tag=tag, follow=follow, dry_run=dry_run)
+
+
 @task
 def status(c: Context) -> None:
     """Show Jobs (with training progress and ETA, or why Kueue holds them), pods, the WebUI and the last failure's

@@ -1,6 +1,6 @@
 """Benchmark the merge Job's command against PEFT and `llamafactory-cli export` on a local model.
 
-    python benchmarks/merge_bench.py [--params 400M] [--workdir DIR] [--shards 5] [--rank 16]
+    python benchmarks/merge_bench.py [--params 400M] [--workdir DIR] [--shards 5] [--rank 16] [--gate]
 
 Builds (once per workdir) a random bf16 Llama of about --params parameters in --shards safetensors
 shards, a small tokenizer and a rank-16 LoRA adapter on all linear layers with random B, then runs
@@ -8,8 +8,10 @@ each method in its own process and prints peak RSS, wall time, output size and d
 - `python -m entrypoint merge` as the merge Job runs it (inputs, lock, merge, checks, atomic publish),
 - the streaming merge function alone, PEFT's merge_and_unload + save_pretrained, llamafactory-cli export,
 - `cp -r` + `sync`, the I/O floor.
-Exits 1 when a target is missed. For the command: peak RSS <= 0.30x PEFT's, wall <= 0.5x PEFT's and <= 3x
-the floor's, output dtype and size equal the base's.
+With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off, then warn: the
+random model never stops, so the probe fails, but every check runs, the generation probe included), and
+their ratio of peak RSS and wall time. Exits 1 when a target is missed. For the command: peak RSS <= 0.30x
+PEFT's, wall <= 0.5x PEFT's and <= 3x the floor's, output dtype and size equal the base's.
 
 Peak RSS is the child's ru_maxrss from wait4(). Linux carries the parent's RSS high-water mark into a
 child started by vfork+exec, so this process stays small: it never imports torch, and the model is
@@ -74,8 +76,12 @@ def build(workdir: Path, params: int, shards: int, rank: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
     tokenizer.train_from_iterator(words, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="</s>").save_pretrained(base)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    # A chat template, so the gate's probe renders its prompts as vLLM would.
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    fast.save_pretrained(base)
 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     with torch.no_grad():
@@ -83,7 +89,8 @@ def build(workdir: Path, params: int, shards: int, rank: int) -> None:
             if "lora_B" in name:
                 param.normal_(std=0.02)
     peft_model.save_pretrained(workdir / "adapter")
-    (workdir / "built.json").write_text(json.dumps({"params": params, "shards": shards, "rank": rank}))
+    (workdir / "built.json").write_text(json.dumps({"params": params, "shards": shards, "rank": rank,
+                                                    "chat_template": True}))
 
 
 def run_ours(base: Path, adapter: Path, out: Path) -> None:
@@ -139,6 +146,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keeps the model between runs (default: a temp dir)")
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--gate", action="store_true", help="measure the publish gate: merge without and with it")
     parser.add_argument("--child", nargs=4, metavar=("ROLE", "A", "B", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -153,7 +161,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     params = parse_params(args.params)
     me = [sys.executable, str(Path(__file__).resolve())]
-    wanted = {"params": params, "shards": args.shards, "rank": args.rank}
+    wanted = {"params": params, "shards": args.shards, "rank": args.rank, "chat_template": True}
     built = workdir / "built.json"
     if not built.is_file() or json.loads(built.read_text()) != wanted:
         for stale in ("base", "adapter"):
@@ -178,7 +186,9 @@ def main() -> int:
     # The Job's environment: this adapter has no training marker of ours, nothing is tracked.
     job_env = {"BASE_MODEL_PATH": str(base), "LORA_OUTPUT_PATH": str(adapter), "MERGED_MODEL_PATH": str(published),
                "MERGE_UNMARKED_ADAPTER": "true", "TRACKING": "none", "LOG_LEVEL": "WARNING",
-               "TERMINATION_LOG_PATH": str(workdir / "termination-log")}
+               "TERMINATION_LOG_PATH": str(workdir / "termination-log"), "PUBLISH_GATE": "off"}
+    if args.gate:
+        return gate_bench(workdir, job_env, published)
     runs = [
         ("python -m entrypoint merge (the Job)", [sys.executable, "-m", "entrypoint", "merge"], published, job_env),
         ("merge_adapter() alone", [*me, "--child", "ours", str(base), str(adapter), str(ours)], ours, None),
@@ -214,6 +224,31 @@ def main() -> int:
     if args.workdir is None:
         shutil.rmtree(workdir)
     return 0 if all(checks.values()) else 1
+
+
+def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
+    """The Job's command without the gate, then with it (probe prompts from the demo dataset)."""
+    data = workdir / "data"
+    if not (data / "dataset_info.json").is_file():
+        subprocess.run([sys.executable, "-c", f"from pathlib import Path; from entrypoint.tinymodel import "
+                        f"write_demo_data; write_demo_data(Path({str(data)!r}))"], cwd=REPO, check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [sys.executable, "-m", "entrypoint", "merge"]
+    alone = measure("merge (PUBLISH_GATE=off)", command, published, job_env)
+    gated = measure("merge + gate (PUBLISH_GATE=warn)", command, published,
+                    {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO"})
+    report = json.loads((published.resolve() / "gate.json").read_text())
+    print()
+    print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone |")
+    print("|---|---:|---:|---:|---:|")
+    for row in (alone, gated):
+        print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['rss_mb'] / alone['rss_mb']:.2f} "
+              f"| {row['wall_s'] / alone['wall_s']:.2f} |")
+    print()
+    print(f"gate alone: {report['seconds']:.1f} s; checks: "
+          + ", ".join(f"{c['name']} {c['status']}" for c in report["checks"]))
+    ran = {c["name"]: c["status"] for c in report["checks"]}
+    return 0 if ran.get("probe") != "skipped" and ran.get("finite") == "pass" else 1
 
 
 if __name__ == "__main__":

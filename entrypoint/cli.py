@@ -20,10 +20,19 @@ COMMANDS = {
     "vllm-lora": ("Check whether vLLM can serve the adapter without merging; print the flags and load request.",
                   "entrypoint.vllm_lora"),
     "probe": ("Check from a pod what training needs: writable storage, model, data, MLflow.", "entrypoint.probe"),
+    "rollback": ("Serve an earlier published version again (atomic switch of MERGED_MODEL_PATH); move the registry "
+                 "alias champion with it.", "entrypoint.rollback"),
+    "verify": ("Run the publish gate's checks on a merged model directory; print the report.", "entrypoint.gate"),
     "webui": ("Run LLaMA Board (LLaMA-Factory's WebUI) with its working directory on the storage.",
               "entrypoint.webui"),
     "demo": ("Run the whole flow locally on a generated tiny model (no GPU, no cluster).", ""),
     "config": ("Print the configuration reference (every variable, default and allowed values).", ""),
+}
+# Arguments of the commands that take any, passed to their run(settings, **arguments).
+ARGUMENTS: dict[str, tuple[tuple[tuple[str, ...], dict[str, str]], ...]] = {
+    "verify": ((("directory",), {"help": "the model directory to check (a published version, or MERGED_MODEL_PATH)"}),),
+    "rollback": ((("--to",), {"help": "the version to serve, e.g. v0002 (default: the newest older than the served "
+                                      "one)"}),),
 }
 # One training process under torchrun, started by the train command itself: not for users, not in --help.
 WORKER = "_worker"
@@ -53,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--storage", default="./local-storage",
                              help="local folder laid out like /storage (default: ./local-storage)")
             cmd.add_argument("--steps", type=int, default=None, help="training steps (default: enough to learn)")
+        for args, kwargs in ARGUMENTS.get(name, ()):
+            cmd.add_argument(*args, **kwargs)
     return parser
 
 
@@ -88,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from entrypoint import demo
 
             return demo.run(args.storage, steps=args.steps)
-        return _run_settings_command(args.command)
+        return _run_settings_command(args.command, arguments={
+            k: v for k, v in vars(args).items() if k != "command"})
     except BaseException as exc:  # the one place every failure becomes an exit code
         if isinstance(exc, SystemExit):
             raise
@@ -105,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(code)
 
 
-def _run_settings_command(command: str, worker_spec: str = "") -> int:
+def _run_settings_command(command: str, worker_spec: str = "", arguments: dict | None = None) -> int:
     """Load and validate the settings, hand the libraries their environment, run the command's module."""
     from entrypoint.settings import apply_library_env, load_settings
 
@@ -117,4 +129,4 @@ def _run_settings_command(command: str, worker_spec: str = "") -> int:
         from entrypoint import worker
 
         return worker.main(worker_spec, settings)
-    return importlib.import_module(COMMANDS[command][1]).run(settings)
+    return importlib.import_module(COMMANDS[command][1]).run(settings, **(arguments or {}))

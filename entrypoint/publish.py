@@ -27,6 +27,7 @@ from entrypoint.files import atomic_write_json, fsync_dir, read_json
 
 VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{12}|legacy-\d{8}-\d{6})$")
 MANIFEST = ".merge.json"  # inside each version: what it was made from
+ROLLBACKS = "rolled-back.json"  # in <path>.versions: versions rolled back from, by fingerprint
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,50 @@ class Published:
         fsync_dir(self.path.parent)
         return version
 
+    def switch(self, version: Path) -> None:
+        """Point the fixed path at an existing version (a rollback): the same atomic rename as publish."""
+        link = self._prepare_link(version)
+        os.replace(link, self.path)
+        fsync_dir(self.path.parent)
+
+    def rollback_target(self, current: Path | None) -> Path | None:
+        """Where `rollback` without --to goes: the newest complete version older than the current one."""
+        if current is None or not VERSION_RE.match(current.name):
+            return None
+        number = int(VERSION_RE.match(current.name).group(1))  # type: ignore[union-attr]
+        older = [v for v in self.versions_sorted() if int(VERSION_RE.match(v.name).group(1)) < number]  # type: ignore[union-attr]
+        return older[-1] if older else None
+
+    def find(self, name: str) -> Path | None:
+        """A version by its name, or by its number alone (v0003)."""
+        for version in self.versions_sorted():
+            if version.name == name or version.name.split("-", 1)[0] == name:
+                return version
+        return None
+
+    def rollbacks(self) -> dict[str, Any]:
+        return read_json(self.versions / ROLLBACKS) or {}
+
+    def record_rollback(self, left: Path, target: Path) -> None:
+        """Remember the fingerprint rolled back from (a merge of the same inputs will not publish it again
+        unnoticed) and forget the target's (rolling forward to a version lifts its record)."""
+        records = self.rollbacks()
+        left_fp = (self.manifest(left) or {}).get("fingerprint")
+        target_fp = (self.manifest(target) or {}).get("fingerprint")
+        if left_fp:
+            records[left_fp] = {"version": left.name, "rolled_back_to": target.name, "at": time.time()}
+        records.pop(target_fp, None)
+        atomic_write_json(self.versions / ROLLBACKS, records)
+
     def prune(self, keep: int) -> list[Path]:
-        """Delete the oldest versions made here beyond `keep` (the current one always stays).
-        A migrated legacy directory is the user's: it is never deleted."""
+        """Delete the oldest versions made here beyond `keep`. The current one and the rollback target (the
+        newest older one) always stay, whatever `keep` says. A migrated legacy directory is the user's: it is
+        never deleted."""
         current = self.current()
-        ours = [v for v in self.versions_sorted() if "legacy" not in v.name and v != current]
+        protected = {current, self.rollback_target(current)}
+        ours = [v for v in self.versions_sorted() if "legacy" not in v.name and v not in protected]
         removed = []
-        excess = len(ours) + (1 if current is not None else 0) - keep
+        excess = len(ours) + sum(1 for v in protected if v is not None) - keep
         for version in ours[:max(0, excess)]:
             shutil.rmtree(version)
             removed.append(version)

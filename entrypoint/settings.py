@@ -317,6 +317,18 @@ class Settings:
     registered_model_name: str = option(
         "REGISTERED_MODEL_NAME", "", "Register each published merge under this MLflow model name (empty: no "
         "registration).", "merge")
+    publish_gate: Literal["strict", "warn", "off"] = option(
+        "PUBLISH_GATE", "strict", "Checks of a merged model before it is published (finite tensors, the adapter "
+        "changed the weights, tokenizer/template/stop tokens, greedy probes equal to base+adapter and stopping): "
+        "strict refuses to publish on a failed check (exit 78), warn publishes and logs it, off skips them.",
+        "merge")
+    publish_gate_probe_tokens: int = option(
+        "PUBLISH_GATE_PROBE_TOKENS", "64", "New tokens each probe prompt may generate before it must have stopped "
+        "at a stop token.", "merge", minimum=1, maximum=4096)
+    publish_gate_probe_max_gib: float = option(
+        "PUBLISH_GATE_PROBE_MAX_GIB", "6", "Largest model (weights, GiB) the generation probe loads; it holds one "
+        "copy at a time, so the merge Job's memory limit must exceed this. Larger models skip the probe (the "
+        "streamed checks still run).", "merge", minimum=0)
     # WebUI (LLaMA Board).
     webui_port: int = option(
         "WEBUI_PORT", "7860", "Port LLaMA Board listens on inside the pod.", "webui", minimum=1024, maximum=65535)
@@ -339,6 +351,12 @@ class Settings:
     max_model_len: int = option("MAX_MODEL_LEN", "4096", "vLLM --max-model-len.", "vllm", minimum=1)
     tensor_parallel_size: int = option("TENSOR_PARALLEL_SIZE", "1", "vLLM --tensor-parallel-size.", "vllm",
                                        minimum=1, maximum=64)
+    vllm_url: str = option(
+        "VLLM_URL", "", "A running vLLM (http://host:8000) the merge hands each published adapter to: loaded at "
+        "runtime as <SERVED_MODEL_NAME>-vNNNN, the previous one unloaded (vLLM needs --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Empty: no hand-off.", "vllm")
+    vllm_api_key: str = option("VLLM_API_KEY", "", "vLLM's --api-key, sent as a bearer token by the hand-off.",
+                               "vllm", source="secret")
 
     def public(self) -> dict[str, Any]:
         """Everything but secrets: safe for logs and MLflow params."""

@@ -110,6 +110,7 @@ def _measure(plan: TrainPlan) -> dict[str, Any]:
         "max": lengths[-1],
         "cutoff_len": cutoff,
         "longer_than_cutoff": sum(length > cutoff for length in lengths),
+        "tokens": sum(lengths),  # of the measured records, before CUTOFF_LEN cuts them
     }
     log.info("token lengths with template %s and the base model's tokenizer (%d of %d records): p50 %d, p90 %d, "
              "p95 %d, p99 %d, max %d; %d longer than CUTOFF_LEN=%d (cut at the end, their stop token included)",

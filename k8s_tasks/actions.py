@@ -20,7 +20,7 @@ from k8s_tasks.doctor import run_doctor
 from k8s_tasks.follow import follow_job
 from k8s_tasks.generate import generate as generate_files
 from k8s_tasks.image import ImageRef, build_plan, git_state, push_plan, repository, validate_tag
-from k8s_tasks.jobs import plan_start
+from k8s_tasks.jobs import plan_rollback, plan_start
 from k8s_tasks.overlays import check_env
 from k8s_tasks.plan import run_plan
 from k8s_tasks.status import render_status
@@ -114,6 +114,26 @@ def prepare_storage(*, env: str | None, recursive: bool, dry_run: bool) -> None:
     env = check_env(env)
     require_tool("kubectl")
     run_plan(plan_prepare_storage(env, KubeCluster(), recursive=recursive), dry_run=dry_run)
+
+
+def rollback(*, env: str | None, to: str | None, name: str | None, tag: str | None, follow: bool,
+             dry_run: bool) -> None:
+    env = check_env(env)
+    require_tool("kubectl")
+    cluster = KubeCluster()
+    plan, job = plan_rollback(env, cluster, now=datetime.now(UTC), to=to, name=name, tag=tag)
+    run_plan(plan, dry_run=dry_run, show_stdin=dry_run)
+    if dry_run:
+        return
+    if not follow:
+        print(f"started Job {job}: `invoke logs --job={job} --follow`, `invoke status`")
+        return
+    try:
+        completed = follow_job(cluster, job, env, sys.stdout)
+    except KeyboardInterrupt:
+        raise Exit(f"stopped following; Job {job} keeps running (`invoke status`)", code=130) from None
+    if not completed:
+        raise Exit(f"Job {job} failed", code=1)
 
 
 def status() -> None:

@@ -257,3 +257,24 @@ def _identity_of(job: dict[str, Any]) -> str:
             if env["name"] == "IMAGE" and ref:
                 return ref["name"]
     raise Exit(f"Job {job['metadata']['name']} reads IMAGE from no ConfigMap")
+
+
+ROLLBACK_VERSION = re.compile(r"^v\d{4,}(-[0-9a-z-]+)?$")
+
+
+def plan_rollback(env: str, cluster: Cluster, *, now: datetime, to: str | None = None, name: str | None = None,
+                  tag: str | None = None, root: Path = REPO) -> tuple[Plan, str]:
+    """The plan to start a Job that runs `python -m entrypoint rollback [--to VERSION]`: the merge Job's template
+    (its storage, settings, Secret and publish lock), its command replaced, under a llama-rollback-* name."""
+    if to is not None and not ROLLBACK_VERSION.fullmatch(to):
+        raise Exit(f"--to {to!r}: expected a published version such as v0002 (or its full name, v0002-<fingerprint>)")
+    plan, job_name = plan_start(env, "merge", cluster, now=now, name=name or default_name("rollback", now), tag=tag,
+                                root=root)
+    (step,) = plan.steps
+    job = yaml.safe_load(step.stdin)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = ["python", "-m", "entrypoint", "rollback", *(["--to", to] if to else [])]
+    title = plan.title.replace("start merge Job", "start rollback Job", 1) + (
+        f", serving {to}" if to else ", serving the version before the current one")
+    command = Command(step.argv, yaml.safe_dump(job, sort_keys=False), f"rollback {step.stdin_note}")
+    return Plan(title, [command], checks=plan.checks, notes=plan.notes), job_name

@@ -26,6 +26,9 @@ TRAIN_ENV = {
     "MLFLOW_TIMEOUT_SECONDS": "5",
     "LOCK_WAIT_SECONDS": "5",
     "LOG_LEVEL": "INFO",
+    # A model trained for a few steps has not learnt to stop, which the publish gate refuses: the tests that
+    # check the gate, and those whose models learn (test_gate_e2e, test_vllm_e2e), set it to strict.
+    "PUBLISH_GATE": "off",
 }
 
 

@@ -50,6 +50,7 @@ def test_check_prints_the_token_lengths_llamafactory_trains_on(storage: Storage)
         "records": len(RECORDS), "measured": len(RECORDS),
         **{f"p{p}": nearest_rank(expected, p) for p in (50, 90, 95, 99)},
         "max": expected[-1], "cutoff_len": 64, "longer_than_cutoff": sum(n > 64 for n in expected),
+        "tokens": sum(expected),
     }
     assert 0 < report["longer_than_cutoff"] < len(RECORDS), "the records should straddle the cutoff"
     assert "longer than CUTOFF_LEN=64" in result.stderr

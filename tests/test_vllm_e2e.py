@@ -32,7 +32,8 @@ from entrypoint.vllm_lora import vllm_lora_instructions
 
 pytestmark = pytest.mark.e2e
 
-LEARN = {"MAX_STEPS": str(DEMO_STEPS), "SAVE_STEPS": "30", "LOGGING_STEPS": "10"}  # the demo's: learns its answer
+LEARN = {"MAX_STEPS": str(DEMO_STEPS), "SAVE_STEPS": "30", "LOGGING_STEPS": "10",  # the demo's: learns its answer
+         "PUBLISH_GATE": "strict"}
 NEW_ANSWER = "Byteburg is the capital of the demo kingdom now."
 # Trained prompts (the answers are confident, so merge and adapter must agree on every greedy token).
 PROMPTS = [r["instruction"] for r in DEMO_RECORDS if not r["input"]][:4]
@@ -150,6 +151,36 @@ def test_an_adapter_vllm_refuses_fails_with_its_reason(lora_server: VllmServer, 
     assert answer(lora_server.chat("demo-v1", DEMO_PROMPT)) == (DEMO_ANSWER, "stop"), "the server still serves"
 
 
+def test_the_merge_hands_the_published_adapter_to_a_running_vllm(
+        lora_server: VllmServer, storage: Storage, first: dict[str, str], tmp_path: Path):
+    import torch
+    from merge_helpers import make_adapter
+
+    from entrypoint.errors import ConfigError, ExitCode
+    from entrypoint.handoff import hand_off
+
+    settings = load_settings(first)
+    name = f"{settings.served_model_name}-v0001"
+    result = run_entrypoint("merge", {**first, "VLLM_URL": lora_server.url}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"vLLM at {lora_server.url} serves adapter {name}" in result.stderr
+    assert "restart the vLLM that reads" in result.stderr, "the merged model's step is said"
+    assert name in [m["id"] for m in lora_server.call("GET", "/v1/models")["data"]]
+    assert answer(lora_server.chat(name, DEMO_PROMPT)) == (DEMO_ANSWER, "stop")
+
+    # vLLM refusing the adapter (a rank above its --max-lora-rank): a one-line reason with vLLM's own words.
+    rank = int(lora_server.flags[lora_server.flags.index("--max-lora-rank") + 1])
+    too_big = make_adapter(storage.base, tmp_path / "rank-too-big", torch.float32, r=rank * 2,
+                           target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match=r"(?s)refused to load adapter .* as 'merged-model-v0009' \(HTTP \d+: .*"
+                                        rf"LoRA rank {rank * 2} is greater than max_lora_rank {rank}") as refused:
+        hand_off(lora_server.url, "", settings.served_model_name, "v0009-x", too_big, settings.merged_model_path)
+    assert refused.value.exit_code == ExitCode.CONFIG
+    assert name in [m["id"] for m in lora_server.call("GET", "/v1/models")["data"]], "nothing was unloaded"
+    unreachable = run_entrypoint("merge", {**first, "VLLM_URL": "http://127.0.0.1:9"}, timeout=600)
+    assert unreachable.returncode == ExitCode.TEMPORARY and "unreachable" in unreachable.stderr.splitlines()[-1]
+
+
 def test_a_second_version_is_served_after_a_restart_and_its_adapter_at_runtime(
         storage: Storage, first: dict[str, str], merged_server: VllmServer, lora_server: VllmServer):
     from entrypoint.tinymodel import write_demo_data
@@ -170,6 +201,17 @@ def test_a_second_version_is_served_after_a_restart_and_its_adapter_at_runtime(
     load_adapter(lora_server, second, "demo-v2")
     assert answer(lora_server.chat("demo-v2", DEMO_PROMPT)) == (NEW_ANSWER, "stop")
     assert answer(lora_server.chat("demo-v1", DEMO_PROMPT)) == (DEMO_ANSWER, "stop"), "both adapters are served"
+
+    # The merge's hand-off: v0002's adapter loaded, v0001's unloaded; a rollback returns the old answers.
+    handed = run_entrypoint("merge", {**second, "VLLM_URL": lora_server.url}, timeout=600)
+    assert handed.returncode == 0, handed.stderr[-3000:]
+    served = [m["id"] for m in lora_server.call("GET", "/v1/models")["data"]]
+    assert f"{name}-v0002" in served and f"{name}-v0001" not in served
+    assert answer(lora_server.chat(f"{name}-v0002", DEMO_PROMPT)) == (NEW_ANSWER, "stop")
+    back = run_entrypoint("rollback", second)
+    assert back.returncode == 0, back.stderr[-2000:]
+    merged_server.restart()
+    assert answer(merged_server.chat(name, DEMO_PROMPT)) == (DEMO_ANSWER, "stop"), "the rollback serves v0001"
 
 
 def test_a_model_vllm_refuses_fails_with_its_reason_and_leaves_no_process(tiny_model: Path, tmp_path: Path):

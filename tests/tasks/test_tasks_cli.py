@@ -25,7 +25,7 @@ from k8s_tasks.tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("bench", "build", "cleanup", "demo", "deploy", "doctor", "generate", "logs", "merge", "prepare-storage",
-         "push", "status", "test", "train", "ui", "validate")
+         "push", "rollback", "status", "test", "train", "ui", "validate")
 HEAVY = ("torch", "transformers", "llamafactory", "mlflow", "peft", "datasets")
 REGISTRY_ENV = {"PROJECT_ID": "my-project", "REGION": "europe-west4", "REPOSITORY": "training"}
 

@@ -189,3 +189,24 @@ def test_a_training_plan_notes_its_shape_and_price(env: str, region: str | None,
     assert f"note: {note}" in out.getvalue()
     merge, _ = plan_start(env, "merge", cluster, now=NOW, root=tree, region=region)
     assert not any(n.startswith("shape:") for n in merge.notes)
+
+
+def test_rollback_runs_the_entrypoint_in_a_job_from_the_merge_template(tree: Path) -> None:
+    from k8s_tasks.jobs import plan_rollback
+
+    cluster = FakeCluster(deployed("dev", tree))
+    plan, name = plan_rollback("dev", cluster, now=NOW, to="v0002", root=tree)
+    merge_plan, _ = plan_start("dev", "merge", cluster, now=NOW, root=tree)
+    job, merge_job = yaml.safe_load(plan.steps[0].stdin), yaml.safe_load(merge_plan.steps[0].stdin)
+    assert name == job["metadata"]["name"] == "llama-rollback-20260102-030405"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "entrypoint", "rollback", "--to", "v0002"]
+    merge_container = merge_job["spec"]["template"]["spec"]["containers"][0]
+    assert {k: v for k, v in container.items() if k != "command"} == \
+        {k: v for k, v in merge_container.items() if k != "command"}, "the merge Job's settings, storage and lock"
+    assert plan.steps[0].argv == ("kubectl", "create", "-f", "-") and "serving v0002" in plan.title
+    default, _ = plan_rollback("dev", cluster, now=NOW, root=tree)
+    assert yaml.safe_load(default.steps[0].stdin)["spec"]["template"]["spec"]["containers"][0]["command"][-1] == \
+        "rollback"
+    with pytest.raises(Exit, match=r"--to 'latest': expected a published version such as v0002"):
+        plan_rollback("dev", cluster, now=NOW, to="latest", root=tree)

@@ -1,0 +1,453 @@
+"""The publish gate: checks that a merged model works before the symlink vLLM reads switches to it.
+
+A merge can be exact and still publish a useless or broken model: an adapter whose lora_B stayed zero (the
+merge equals the base), a NaN that training produced, a tokenizer without its chat template or a generation
+config without the template's stop token (vLLM then never stops). The checks, in order of cost:
+
+- finite: every merged float tensor is finite;
+- adapter_effect: every base tensor the adapter targets differs from the base's;
+- tokenizer: tokenizer, chat template, EOS and pad tokens and generation_config.json agree with the template
+  training used (its stop words, the first of which is the EOS when the template replaces it);
+- probe: on a few prompts from the training data, rendered by the published chat template, the merged
+  model's greedy tokens equal base + adapter (PEFT's PeftModel) over the first PROBE_COMPARE_TOKENS, and each
+  generation stops at a stop token within PUBLISH_GATE_PROBE_TOKENS.
+
+Memory: the first two stream the shards one tensor at a time (a merged tensor and its base tensor at most);
+the probe loads one model at a time (merged, freed, then base + adapter), so the whole model is never held
+twice. Models above PUBLISH_GATE_PROBE_MAX_GIB skip the probe, and the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import math
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from entrypoint.companions import GENERATION_CONFIG, trained_eos
+from entrypoint.errors import ConfigError
+from entrypoint.files import read_json
+from entrypoint.model_dir import BaseModel, has_tokenizer, read_base_model, token_ids
+
+log = logging.getLogger("entrypoint")
+
+REPORT = "gate.json"  # in each published version: what the gate checked and found
+PROBE_PROMPTS = 3
+PROBE_COMPARE_TOKENS = 16
+GIB = 1024**3
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | skipped
+    detail: str
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GateReport:
+    mode: str
+    checks: list[Check]
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "passed": self.passed, "seconds": round(self.seconds, 3),
+                "peak_rss_mib": round(self.peak_rss_mib, 1), "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+    def reason(self) -> str:
+        """One line naming the first failed check."""
+        first = self.failed[0]
+        more = f" (and {len(self.failed) - 1} more failed check(s): {', '.join(c.name for c in self.failed[1:])})" \
+            if len(self.failed) > 1 else ""
+        return f"publish gate: check {first.name} failed: {first.detail}{more}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GateInputs:
+    """What the merged directory is checked against."""
+
+    base: BaseModel
+    adapter: Path | None  # None: a full fine-tune (no adapter to compare with)
+    targets: tuple[str, ...]  # base tensors the adapter changes
+    template: Mapping[str, Any]  # training's chat template: name, stop_words, replace_eos
+    prompts: tuple[list[dict[str, str]], ...]  # chat messages ending with the user's turn
+    probe_tokens: int
+    probe_max_bytes: float
+
+
+def run_gate(model_dir: Path, inputs: GateInputs, mode: str) -> GateReport:
+    """Every check on model_dir; the caller decides what a failure means (mode strict, warn)."""
+    t0 = time.monotonic()
+    merged = read_base_model(model_dir)
+    checks = [*_stream_checks(merged, inputs), _tokenizer_check(model_dir, merged, inputs.template)]
+    failed = [c.name for c in checks if c.status == "fail"]
+    # The probe loads the model and renders its chat template: pointless, or impossible, after those failed.
+    checks.append(Check("probe", "skipped", f"not run: {', '.join(failed)} failed") if failed
+                  else _probe_check(model_dir, merged, inputs))
+    report = GateReport(mode, checks, time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for check in checks:
+        log.log(logging.WARNING if check.status == "fail" else logging.INFO, "publish gate: %s %s: %s",
+                check.name, check.status, check.detail)
+    return report
+
+
+def write_report(report: GateReport, path: Path) -> None:
+    from entrypoint.files import atomic_write_json
+
+    atomic_write_json(path, report.as_dict())
+
+
+# ---- finite, adapter_effect: one streamed pass -------------------------------------------------------------
+
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+class _Reader:
+    """Reads single tensors of one safetensors file into a reused buffer."""
+
+    def __init__(self, header) -> None:
+        self.header = header
+        self.entries = header.by_name()
+        self.file = open(header.path, "rb")  # noqa: SIM115 (closed by close)
+        self.buffers: dict[Any, Any] = {}
+
+    def read(self, name: str, role: str = "a"):
+        import torch
+
+        from entrypoint.lora_merge import FLOAT_DTYPES
+
+        entry = self.entries[name]
+        dtype = FLOAT_DTYPES[entry.dtype]
+        numel = math.prod(entry.shape)
+        buffer = self.buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[role, dtype] = torch.empty(numel, dtype=dtype)
+        out = buffer[:numel]
+        self.file.seek(self.header.data_start + entry.start)
+        if entry.nbytes and self.file.readinto(out.view(torch.uint8).numpy().data) != entry.nbytes:
+            raise ConfigError(f"{self.header.path} ended while reading {name!r}")
+        return out.view(entry.shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _stream_checks(merged: BaseModel, inputs: GateInputs) -> list[Check]:
+    import torch
+
+    targets = set(inputs.targets)
+    base_shards = {shard.path.name: shard for shard in inputs.base.shards}
+    not_finite: list[str] = []
+    unchanged: list[str] = []
+    compared = 0
+    base_readers: dict[str, _Reader] = {}
+    try:
+        for shard in merged.shards:
+            reader = _Reader(shard)
+            try:
+                for entry in shard.entries:
+                    if entry.dtype not in FLOAT_CODES:
+                        continue
+                    tensor = reader.read(entry.name)
+                    if not bool(torch.isfinite(tensor).all()):
+                        not_finite.append(entry.name)
+                    if entry.name in targets and entry.name in inputs.base.tensors:
+                        base_shard, _ = inputs.base.tensors[entry.name]
+                        name = base_shard.path.name
+                        if name not in base_readers:
+                            base_readers[name] = _Reader(base_shards[name])
+                        compared += 1
+                        if torch.equal(tensor, base_readers[name].read(entry.name, "base")):
+                            unchanged.append(entry.name)
+            finally:
+                reader.close()
+    finally:
+        for base_reader in base_readers.values():
+            base_reader.close()
+    finite = Check("finite", "fail" if not_finite else "pass",
+                   f"{len(not_finite)} tensor(s) hold NaN or infinity, e.g. {', '.join(not_finite[:3])}"
+                   if not_finite else "every float tensor is finite", {"not_finite": not_finite[:20]})
+    if inputs.adapter is None:
+        effect = Check("adapter_effect", "skipped", "a full fine-tune: no adapter to compare with")
+    elif not targets:
+        effect = Check("adapter_effect", "fail", "the adapter targets no tensor of the base")
+    elif unchanged:
+        effect = Check("adapter_effect", "fail",
+                       f"{len(unchanged)} of {compared} tensors the adapter targets equal the base's (an all-zero "
+                       f"lora_B, or an adapter that never trained), e.g. {', '.join(unchanged[:3])}",
+                       {"unchanged": unchanged[:20], "targeted": compared})
+    else:
+        effect = Check("adapter_effect", "pass", f"all {compared} targeted tensors differ from the base's",
+                       {"targeted": compared})
+    return [finite, effect]
+
+
+# ---- tokenizer, chat template, stop tokens ---------------------------------------------------------------
+
+def chat_template_text(model_dir: Path) -> str | None:
+    """The chat template vLLM would use: chat_template.jinja, chat_template.json or tokenizer_config.json's."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        value = (read_json(model_dir / name) or {}).get("chat_template")
+        if isinstance(value, list):  # named templates: the default one
+            value = next((t.get("template") for t in value if t.get("name") == "default"), None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _tokenizer_check(model_dir: Path, merged: BaseModel, template: Mapping[str, Any]) -> Check:
+    problems = []
+    if not has_tokenizer(model_dir):
+        return Check("tokenizer", "fail", "no tokenizer beside the weights")
+    ids = token_ids(model_dir)
+    eos = trained_eos(model_dir)
+    stop_words = [w for w in template.get("stop_words") or () if isinstance(w, str)]
+    chat = chat_template_text(model_dir)
+    if chat is None:
+        problems.append("no chat template (tokenizer_config.json or chat_template.jinja): vLLM's chat endpoint "
+                        "needs one")
+    if eos is None:
+        problems.append("the tokenizer declares no EOS token")
+    elif ids and eos not in ids:
+        problems.append(f"EOS {eos!r} is not in the vocabulary")
+    if template.get("replace_eos") and stop_words and eos != stop_words[0]:
+        problems.append(f"EOS is {eos!r}, TEMPLATE={template.get('name')} trained {stop_words[0]!r}")
+    config = read_json(model_dir / "tokenizer_config.json") or {}
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if not pad:
+        problems.append("the tokenizer declares no pad token")
+    elif ids and pad not in ids:
+        problems.append(f"pad token {pad!r} is not in the vocabulary")
+    generation = read_json(model_dir / GENERATION_CONFIG)
+    stops: list[Any] = []
+    if generation is None:
+        problems.append(f"no {GENERATION_CONFIG}: vLLM would stop only at config.json's EOS")
+    else:
+        raw = generation.get("eos_token_id")
+        stops = [raw] if isinstance(raw, int) else list(raw or ())
+        needed = [t for t in dict.fromkeys([eos, *stop_words]) if t and t in ids]
+        missing = [t for t in needed if ids[t] not in stops]
+        if missing:
+            problems.append(f"{GENERATION_CONFIG} does not stop at {', '.join(map(repr, missing))} (eos_token_id "
+                            f"{raw})")
+    closing = stop_words[0] if stop_words else eos
+    if chat is not None and closing and closing not in chat and "eos_token" not in chat:
+        problems.append(f"the chat template never writes {closing!r}, the token generation stops at")
+    data = {"eos": eos, "pad": pad, "stop_words": stop_words, "generation_eos_ids": stops,
+            "template": template.get("name"), "chat_template": chat is not None}
+    if problems:
+        return Check("tokenizer", "fail", "; ".join(problems), data)
+    return Check("tokenizer", "pass", f"EOS {eos!r}, stops {stops}, chat template present", data)
+
+
+# ---- probe: greedy generation, merged vs base + adapter ---------------------------------------------------
+
+def _probe_check(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> Check:
+    size = sum(shard.data_bytes for shard in merged.shards)
+    if not inputs.prompts:
+        return Check("probe", "skipped", "no probe prompt could be read from the training data")
+    if size > inputs.probe_max_bytes:
+        return Check("probe", "skipped", f"the model's weights ({size / GIB:.2f} GiB) exceed "
+                     f"PUBLISH_GATE_PROBE_MAX_GIB={inputs.probe_max_bytes / GIB:g}: not loaded")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / GENERATION_CONFIG).is_file() else None
+    stop_ids = _stop_ids(generation, tokenizer)
+    encoded = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+               for messages in inputs.prompts]
+    encoded = [list(e["input_ids"]) if isinstance(e, Mapping) else list(e) for e in encoded]
+    dtype = merged.config.get("torch_dtype") or "auto"
+
+    def generate(model) -> list[list[int]]:
+        outputs = []
+        with torch.inference_mode():
+            for ids in encoded:
+                prompt = torch.tensor([ids])
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=inputs.probe_tokens, generation_config=generation,
+                                     pad_token_id=tokenizer.pad_token_id)
+                outputs.append(out[0, len(ids):].tolist())
+        return outputs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, low_cpu_mem_usage=True).eval()
+    merged_out = generate(model)
+    del model
+    gc.collect()  # one model at a time: the merged one is gone before the base is loaded
+    reference = None
+    if inputs.adapter is not None:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(inputs.base.directory, torch_dtype=dtype, low_cpu_mem_usage=True)
+        model = PeftModel.from_pretrained(base, inputs.adapter).eval()
+        reference = generate(model)
+        del model, base
+        gc.collect()
+
+    problems = []
+    samples = []
+    for number, (messages, got) in enumerate(zip(inputs.prompts, merged_out, strict=True), start=1):
+        stopped = next((i for i, t in enumerate(got) if t in stop_ids), None)
+        sample = {"prompt": messages[-1]["content"][:200], "output": tokenizer.decode(got, skip_special_tokens=False),
+                  "tokens": len(got), "stopped_at": stopped}
+        if reference is not None:
+            want = reference[number - 1]
+            n = min(PROBE_COMPARE_TOKENS, len(want), len(got))
+            diverge = next((i for i in range(max(n, 1)) if i >= len(got) or i >= len(want) or got[i] != want[i]), None)
+            if n == 0 and len(got) == len(want):
+                diverge = None
+            sample["adapter_output"] = tokenizer.decode(want, skip_special_tokens=False)
+            sample["first_difference"] = diverge
+            if diverge is not None:
+                problems.append(f"prompt {number}: the merged model's greedy token {diverge + 1} differs from "
+                                "base+adapter's")
+        if stopped is None:
+            problems.append(f"prompt {number}: no stop token {sorted(stop_ids)} within "
+                            f"PUBLISH_GATE_PROBE_TOKENS={inputs.probe_tokens} new tokens")
+        samples.append(sample)
+    data = {"prompts": samples, "compare_tokens": PROBE_COMPARE_TOKENS, "max_new_tokens": inputs.probe_tokens}
+    if problems:
+        return Check("probe", "fail", "; ".join(problems[:3]), data)
+    what = "equal base+adapter's greedy tokens and stop" if reference is not None else "stop"
+    return Check("probe", "pass", f"{len(samples)} probe prompt(s) {what}", data)
+
+
+def _stop_ids(generation: Any, tokenizer: Any) -> set[int]:
+    raw = getattr(generation, "eos_token_id", None) if generation is not None else None
+    if raw is None:
+        raw = tokenizer.eos_token_id
+    return {raw} if isinstance(raw, int) else {int(i) for i in raw or ()}
+
+
+# ---- inputs: from the merge, or from a version's manifest -------------------------------------------------
+
+def probe_prompts(settings: Any, limit: int = PROBE_PROMPTS) -> tuple[list[dict[str, str]], ...]:
+    """The first records of the training data as chat messages up to the user's last turn, converted by
+    LLaMA-Factory's own dataset converters (its columns, formats and system prompts)."""
+    from entrypoint import datasets
+    from entrypoint.plan import build_plan
+
+    plan = build_plan(settings)
+    from llamafactory.data.converter import DATASET_CONVERTERS
+    from llamafactory.data.parser import DatasetAttr
+    from llamafactory.hparams import DataArguments
+
+    names = {f.name for f in dataclasses.fields(DataArguments) if f.init}
+    data_args = DataArguments(**{k: v for k, v in plan.lf_args.items() if k in names})
+    root = Path("/") if plan.data.generated else Path(settings.dataset_path)
+    prompts: list[list[dict[str, str]]] = []
+    for name in plan.data.names:
+        attr = DatasetAttr("file", dataset_name=name)
+        attr.join(plan.data.info[name])
+        convert = DATASET_CONVERTERS[attr.formatting](attr, data_args)
+        for path in datasets.entry_files(name, plan.data.info[name], root):
+            for _, record in datasets.iter_records(path):
+                example = convert(defaultdict(lambda: None, record))
+                messages = [{"role": m["role"], "content": m["content"]} for m in example["_prompt"]]
+                if example.get("_system"):
+                    messages.insert(0, {"role": "system", "content": example["_system"]})
+                if messages and messages[-1]["role"] == "user":
+                    prompts.append(messages)
+                if len(prompts) >= limit:
+                    return tuple(prompts)
+    return tuple(prompts)
+
+
+def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: Iterable[str],
+                template: Mapping[str, Any] | None) -> GateInputs:
+    try:
+        prompts = probe_prompts(settings)
+    except ConfigError as exc:  # e.g. an adapter trained elsewhere (MERGE_UNMARKED_ADAPTER) without its data here
+        log.warning("publish gate: no probe prompts from the training data: %s", exc)
+        prompts = ()
+    return GateInputs(base, adapter, tuple(targets), dict(template or {}), prompts,
+                      settings.publish_gate_probe_tokens, settings.publish_gate_probe_max_gib * GIB)
+
+
+def dumps(report: GateReport) -> str:
+    return json.dumps(report.as_dict(), indent=2, ensure_ascii=False)
+
+
+def gate_merge(settings: Any, inputs: Any, prepared: Any, workdir: Path, published: Any) -> GateReport | None:
+    """The gate between the merge and the switch (merge.py): the report is written into the version to be;
+    under PUBLISH_GATE=strict a failed check raises ConfigError (exit 78) and the served version stays."""
+    if settings.publish_gate == "off":
+        log.warning("publish gate off (PUBLISH_GATE=off): publishing without checking that the model works")
+        return None
+    adapter = None if inputs.full else inputs.adapter
+    targets = prepared.plan.updates if adapter is not None else ()
+    report = run_gate(workdir, gate_inputs(settings, prepared.base, adapter, targets, inputs.marker.get("template")),
+                      settings.publish_gate)
+    write_report(report, workdir / REPORT)
+    if report.passed:
+        log.info("publish gate passed in %.1fs (peak RSS %.0f MiB)", report.seconds, report.peak_rss_mib)
+        return report
+    if settings.publish_gate == "warn":
+        log.warning("%s; publishing anyway (PUBLISH_GATE=warn)", report.reason())
+        return report
+    refused = published.versions / f"refused-{inputs.fingerprint[:12]}.{REPORT}"
+    write_report(report, refused)
+    current = published.current()
+    serving = (f"{published.path} still serves {current.name}" if current
+               else f"nothing was published at {published.path}")
+    raise GateRefused(f"{report.reason()}; {serving} (report: {refused}; PUBLISH_GATE=warn publishes anyway)",
+                      report, refused)
+
+
+class GateRefused(ConfigError):
+    """A failed check under PUBLISH_GATE=strict: exit 78, nothing switched."""
+
+    def __init__(self, message: str, report: GateReport, path: Path) -> None:
+        super().__init__(message)
+        self.report = report
+        self.path = path
+
+
+def run(settings: Any, directory: str) -> int:
+    """`python -m entrypoint verify DIR`: the gate's checks on a model directory (a published version, or
+    MERGED_MODEL_PATH itself), against the adapter and base its .merge.json names (else LORA_OUTPUT_PATH and
+    BASE_MODEL_PATH) and the template training recorded. Prints the report; exit 78 when a check fails."""
+    from entrypoint.errors import ExitCode, finish
+    from entrypoint.lora_merge import prepare_merge
+    from entrypoint.publish import MANIFEST
+    from entrypoint.storage import read_marker
+
+    model_dir = Path(directory).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"verify: {directory!r} is not a model directory (no config.json); expected a published "
+                          "version or MERGED_MODEL_PATH")
+    manifest = read_json(model_dir / MANIFEST) or {}
+    adapter = Path(manifest.get("adapter_path") or settings.lora_output_path)
+    base_dir = Path(manifest.get("base_model_path") or settings.base_model_path)
+    template = manifest.get("template") or (read_marker(adapter) or {}).get("template") or {}
+    full = not (adapter / "adapter_config.json").is_file()
+    prepared = prepare_merge(model_dir if full else base_dir, None if full else adapter)
+    targets = prepared.plan.updates if not full else ()
+    report = run_gate(model_dir, gate_inputs(settings, prepared.base, None if full else adapter, targets, template),
+                      "strict")
+    print(dumps(report))
+    if not report.passed:
+        raise ConfigError(f"{report.reason()} ({model_dir})")
+    return finish(ExitCode.OK, f"verified: {model_dir} passes the publish gate's checks")

@@ -1,0 +1,251 @@
+"""End to end: the publish gate between the merge and the switch, on the tiny model trained by the real
+entrypoint. A good adapter publishes with the gate's report; an all-zero lora_B, a NaN and a removed chat
+template are each refused with exit 78 and a one-line reason naming the check, and the version served before
+stays served. `python -m entrypoint verify DIR` runs the same checks alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, Storage, run_entrypoint
+
+from entrypoint.errors import ExitCode
+
+pytestmark = pytest.mark.e2e
+
+LEARN = {"MAX_STEPS": "60", "SAVE_STEPS": "30", "LOGGING_STEPS": "10"}  # enough to learn to answer and stop
+STRICT = {"PUBLISH_GATE": "strict"}
+REGISTERED = "gate-demo"
+
+
+@pytest.fixture(scope="module")
+def published_root(tmp_path_factory, tiny_model, mlflow_server) -> Path:
+    """A trained adapter (tracked in MLflow) merged and published once through the strict gate."""
+    from entrypoint.tinymodel import write_demo_data
+
+    root = tmp_path_factory.mktemp("gate") / "storage"
+    write_demo_data(root / "data")
+    (root / "models").mkdir(parents=True)
+    storage = Storage(root, tiny_model)
+    env = storage.env(TRACKING="mlflow", MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME="gate",
+                      REGISTERED_MODEL_NAME=REGISTERED, IMAGE="registry.example/llama-factory-train:test",
+                      **LEARN, **STRICT)
+    for command in ("train", "merge"):
+        result = run_entrypoint(command, env, timeout=900)
+        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+    return root
+
+
+@pytest.fixture
+def published(tmp_path, published_root, tiny_model) -> Storage:
+    root = tmp_path / "storage"
+    shutil.copytree(published_root, root, symlinks=True)
+    return Storage(root, tiny_model)
+
+
+def served(storage: Storage) -> str:
+    return os.readlink(storage.root / "models" / "merged-model")
+
+
+def test_a_good_adapter_publishes_with_the_gates_report(published: Storage, mlflow_server):
+    version = (published.root / "models" / "merged-model").resolve()
+    report = json.loads((version / "gate.json").read_text())
+    assert report["passed"] and report["mode"] == "strict"
+    assert {c["name"]: c["status"] for c in report["checks"]} == {
+        "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "pass"}
+    probe = next(c for c in report["checks"] if c["name"] == "probe")["data"]["prompts"]
+    assert probe and all(p["first_difference"] is None and p["stopped_at"] is not None for p in probe)
+    manifest = json.loads((version / ".merge.json").read_text())
+    assert manifest["gate"] == {"mode": "strict", "passed": True, "failed": []}
+
+    marker = json.loads((published.output / ".job" / "COMPLETE.json").read_text())
+    run = mlflow_server.client().get_run(marker["mlflow_run_id"])
+    assert run.data.metrics["gate_passed"] == 1.0 and run.data.tags["gate_result"] == "passed"
+    artifacts = [a.path for a in mlflow_server.client().list_artifacts(marker["mlflow_run_id"])]
+    assert {"gate.json", "lineage.json", "README.md"} <= set(artifacts)
+
+
+def test_a_published_version_carries_its_lineage_and_model_card(published: Storage, mlflow_server):
+    from entrypoint.tinymodel import DEMO_RECORDS
+
+    version = (published.root / "models" / "merged-model").resolve()
+    lineage = json.loads((version / "lineage.json").read_text())
+    marker = json.loads((published.output / ".job" / "COMPLETE.json").read_text())
+    assert lineage["version"] == version.name[:5] and lineage["base_model"]["path"] == str(published.base)
+    assert lineage["base_model"]["identity"] == marker["inputs"]["model"]
+    assert lineage["adapter"]["config"]["r"] == json.loads((published.output / "adapter_config.json").read_text())["r"]
+    stats = lineage["dataset"]["statistics"]
+    assert stats["records"] == len(DEMO_RECORDS) and stats["tokens"] > stats["records"]
+    assert stats["share_truncated"] == round(stats["longer_than_cutoff"] / stats["measured"], 4)
+    assert lineage["dataset"]["names"] == ["train_data"] and lineage["dataset"]["identity"]
+    assert lineage["training"]["settings"] == marker["inputs"]["args"]
+    assert lineage["mlflow"] == {"run_id": marker["mlflow_run_id"], "experiment": "gate",
+                                 "tracking_uri": mlflow_server.uri}
+    assert lineage["image"] == "registry.example/llama-factory-train:test"
+    assert lineage["gate"]["passed"] and [c["name"] for c in lineage["gate"]["checks"]] == [
+        "finite", "adapter_effect", "tokenizer", "probe"]
+    card = (version / "README.md").read_text()
+    assert f"{len(DEMO_RECORDS)} records" in card and marker["mlflow_run_id"] in card and "probe: pass" in card
+
+    client = mlflow_server.client()
+    inputs = client.get_run(marker["mlflow_run_id"]).inputs.dataset_inputs
+    (dataset,) = [d.dataset for d in inputs]
+    assert dataset.name == "train_data" and json.loads(dataset.profile)["records"] == len(DEMO_RECORDS)
+    assert lineage["dataset"]["identity"].startswith(dataset.digest)
+
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    candidate = client.get_model_version_by_alias(REGISTERED, "candidate")
+    assert champion.version == candidate.version and champion.tags["storage_path"].endswith(version.name)
+
+
+def _rewrite_adapter(storage: Storage, change) -> None:
+    """Change the trained adapter's weights in place (a new adapter to the merge: its identity changes)."""
+    from safetensors.torch import load_file, save_file
+
+    path = storage.output / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _refused(storage: Storage, check: str) -> str:
+    before = served(storage)
+    result = run_entrypoint("merge", storage.env(**STRICT), timeout=600)
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"publish gate: check {check} failed" in last and f"still serves {Path(before).name}" in last, last
+    assert served(storage) == before, "the served version stays"
+    versions = storage.root / "models" / "merged-model.versions"
+    assert [p.name for p in versions.iterdir() if p.is_dir()] == [Path(before).name], "no new version"
+    (refusal,) = versions.glob("refused-*.gate.json")
+    report = json.loads(refusal.read_text())
+    assert not report["passed"] and check in [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    return last
+
+
+def test_an_adapter_whose_lora_b_is_all_zeros_is_refused(published: Storage):
+    def zero_b(tensors):
+        for name in tensors:
+            if "lora_B" in name:
+                tensors[name].zero_()
+
+    _rewrite_adapter(published, zero_b)
+    assert "equal the base's" in _refused(published, "adapter_effect")
+
+
+def test_an_adapter_with_a_nan_is_refused(published: Storage):
+    def one_nan(tensors):
+        name = next(n for n in sorted(tensors) if "lora_A" in n)
+        tensors[name][0, 0] = float("nan")
+
+    _rewrite_adapter(published, one_nan)
+    assert "NaN or infinity" in _refused(published, "finite")
+
+
+def test_a_tokenizer_without_its_chat_template_is_refused(published: Storage):
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (published.output / name).unlink(missing_ok=True)
+    config_path = published.output / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    assert "no chat template" in _refused(published, "tokenizer")
+
+
+def test_warn_publishes_what_strict_refuses_and_records_why(published: Storage):
+    def zero_b(tensors):
+        for name in tensors:
+            if "lora_B" in name:
+                tensors[name].zero_()
+
+    _rewrite_adapter(published, zero_b)
+    result = run_entrypoint("merge", published.env(PUBLISH_GATE="warn"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "publish gate: check adapter_effect failed" in result.stderr and "PUBLISH_GATE=warn" in result.stderr
+    version = (published.root / "models" / "merged-model").resolve()
+    assert version.name.startswith("v0002-")
+    gate = json.loads((version / ".merge.json").read_text())["gate"]
+    assert gate == {"mode": "warn", "passed": False, "failed": ["adapter_effect"]}, "the probe is not run after it"
+    assert "adapter_effect: fail" in (version / "README.md").read_text()
+
+
+def test_verify_checks_a_published_version_alone(published: Storage, tmp_path: Path):
+    version = (published.root / "models" / "merged-model").resolve()
+    good = run_entrypoint_verify(published, version)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads(good.stdout)["passed"] is True
+
+    broken = shutil.copytree(version, tmp_path / "broken")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("inf")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    bad = run_entrypoint_verify(published, broken)
+    assert bad.returncode == ExitCode.CONFIG
+    assert "publish gate: check finite failed" in bad.stderr.strip().splitlines()[-1]
+    assert name in bad.stdout
+
+
+def run_entrypoint_verify(storage: Storage, directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)], env=storage.env(**STRICT),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def run_command(storage: Storage, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrypoint", *args], env=storage.env(**STRICT, **env), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_rollback_serves_the_previous_version_moves_champion_and_a_remerge_does_not_undo_it(
+        published: Storage, mlflow_server):
+    registry = {"TRACKING": "mlflow", "MLFLOW_TRACKING_URI": mlflow_server.uri, "MLFLOW_EXPERIMENT_NAME": "gate",
+                "REGISTERED_MODEL_NAME": "rollback-demo"}
+    client = mlflow_server.client()
+    first = served(published)
+    versions, champions = [], []
+    for scale in (1.05, 1.1):  # two more adapters that still work: the trained one, its lora_B scaled a little
+        _rewrite_adapter(published, lambda tensors, s=scale: [t.mul_(s) for n, t in tensors.items() if "lora_B" in n])
+        result = run_command(published, "merge", MERGE_KEEP_VERSIONS="1", **registry)
+        assert result.returncode == 0, result.stderr[-3000:]
+        versions.append(served(published))
+        champions.append(client.get_model_version_by_alias("rollback-demo", "champion").version)
+    second, third = versions
+    kept = sorted(p.name for p in (published.root / "models" / "merged-model.versions").iterdir() if p.is_dir())
+    assert kept == [Path(second).name, Path(third).name] and first not in kept, \
+        "MERGE_KEEP_VERSIONS=1 keeps the served version and the rollback target"
+
+    back = run_command(published, "rollback", **registry)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert served(published) == second and "rolled back" in back.stderr.strip().splitlines()[-1]
+    assert client.get_model_version_by_alias("rollback-demo", "champion").version == champions[0]
+
+    again = run_command(published, "merge", MERGE_KEEP_VERSIONS="1", **registry)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert served(published) == second, "a merge of the rolled-back adapter does not undo the rollback"
+    assert "rolled back" in again.stderr and "rollback --to v0003" in again.stderr
+    assert (published.root / "models" / third).is_dir(), "the version rolled back from is kept"
+
+    forward = run_command(published, "rollback", "--to", "v0003", **registry)
+    assert forward.returncode == 0, forward.stderr[-3000:]
+    assert served(published) == third
+    assert client.get_model_version_by_alias("rollback-demo", "champion").version == champions[1]
+    assert "already serves this adapter" in run_command(published, "merge", **registry).stderr, \
+        "rolled forward: the same adapter is served, nothing to do"
+
+
+def test_rollback_to_a_version_that_does_not_exist_changes_nothing(published: Storage):
+    before = served(published)
+    missing = run_command(published, "rollback", "--to", "v0042")
+    assert missing.returncode == ExitCode.CONFIG
+    assert "no such version" in missing.stderr.strip().splitlines()[-1] and served(published) == before
+    nothing_older = run_command(published, "rollback")
+    assert nothing_older.returncode == ExitCode.CONFIG and "no version older than" in nothing_older.stderr
+    assert served(published) == before
