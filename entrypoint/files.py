@@ -76,3 +76,20 @@ def load_json(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def sizes_problem(directory: Path, record_name: str) -> str | None:
+    """Why a directory recorded complete with its files' sizes (record_name, a JSON file with "files": {relative
+    path: bytes}) is not so, or None when every recorded file is there with its size: a torn write, a truncated
+    copy or a missing file shows."""
+    record = read_json(directory / record_name)
+    if record is None or not isinstance(record.get("files"), dict):
+        return "it has no completion record"
+    for name, size in record["files"].items():
+        try:
+            found = (directory / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} has {found} bytes, {size} were written"
+    return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint.errors import TemporaryFailure
-from entrypoint.files import atomic_write_json, fsync_dir, read_json
+from entrypoint.files import atomic_write_json, fsync_dir, read_json, sizes_problem
 
 log = logging.getLogger("entrypoint")
 
@@ -59,17 +59,7 @@ def write_checkpoint_record(checkpoint: Path) -> None:
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be resumed from, or None when it is complete."""
-    record = read_json(checkpoint / CHECKPOINT_RECORD)
-    if record is None or not isinstance(record.get("files"), dict):
-        return "it was never completed (no completion record)"
-    for name, size in record["files"].items():
-        try:
-            found = (checkpoint / name).stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if found != size:
-            return f"{name} has {found} bytes, {size} were written"
-    return None
+    return sizes_problem(checkpoint, CHECKPOINT_RECORD)
 
 
 def owner_id(pod_name: str = "") -> str:

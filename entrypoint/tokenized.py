@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from entrypoint.errors import TemporaryFailure
-from entrypoint.files import atomic_write_json, fsync_dir, read_json
+from entrypoint.files import atomic_write_json, fsync_dir, sizes_problem
 from entrypoint.fingerprint import digest
 from entrypoint.storage import state_dir
 
@@ -84,17 +84,7 @@ def cache_path(output: Path, inputs: dict[str, Any]) -> Path:
 
 def problem(directory: Path) -> str | None:
     """Why a published cache cannot be used, or None when it is complete."""
-    record = read_json(directory / RECORD)
-    if record is None or not isinstance(record.get("files"), dict):
-        return "it has no completion record"
-    for name, size in record["files"].items():
-        try:
-            found = (directory / name).stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if found != size:
-            return f"{name} has {found} bytes, {size} were written"
-    return None
+    return sizes_problem(directory, RECORD)
 
 
 def ensure(lf_args: dict[str, Any], inputs: dict[str, Any], output: Path, lock_check: Any = None) -> Path:

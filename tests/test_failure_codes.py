@@ -1,7 +1,7 @@
 """Failures with a known cause get their own reason line, and a GPU out of memory its own exit code, which the
 Jobs do not retry (the same configuration runs out again, each time after loading the model).
 
-The out-of-memory itself is a fake (tests/fault_injection: no GPU here): torch's real OutOfMemoryError with the
+The out-of-memory itself is a fake (tests/trainer_faults: no GPU here): torch's real OutOfMemoryError with the
 message torch's CUDA allocator writes, raised inside LLaMA-Factory's training loop of the real entrypoint, in
 this process and on one rank of two under torchrun.
 """
@@ -14,7 +14,7 @@ from helpers import REPO, Storage, run_entrypoint
 
 from entrypoint.errors import ExitCode, GpuOutOfMemory, PeersLost, classify, describe
 
-FAULTS = REPO / "tests" / "fault_injection"
+FAULTS = REPO / "tests" / "trainer_faults"
 KNOBS = ("BATCH_SIZE", "GRADIENT_ACCUMULATION", "CUTOFF_LEN", "FINETUNING_TYPE=qlora", "DEEPSPEED=zero3")
 TORCH_FIGURES = ("Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 22.05 GiB of which 1.06 GiB is free. "
                  "Including non-PyTorch memory, this process has 20.98 GiB memory in use. Of the allocated memory "
@@ -24,7 +24,7 @@ TORCH_FIGURES = ("Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 22.0
 def _oom_message() -> str:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fault_injection", FAULTS / "sitecustomize.py")
+    spec = importlib.util.spec_from_file_location("trainer_faults", FAULTS / "sitecustomize.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.MESSAGE

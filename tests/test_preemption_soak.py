@@ -13,7 +13,7 @@ three times: while tokenizing, while saving and at a random step, with a short l
 - steps trained in all <= planned steps + restarts x SAVE_STEPS.
 
 The moments are random: SOAK_SEED in the environment repeats a sequence, and every failure message names the
-seed. Checkpoints are slowed down (tests/slow_checkpoint), as a large model's are on NFS, so that "during a
+seed. Checkpoints are slowed down (tests/trainer_faults), as a large model's are on NFS, so that "during a
 save" is a window a signal can hit.
 """
 
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 MAX_STEPS = 60
 SAVE_STEPS = 4
 REPEAT = 500  # 4000 records: tokenizing them takes long enough to be interrupted
-SLOW_CHECKPOINT = REPO / "tests" / "slow_checkpoint"
+SLOW_CHECKPOINT = REPO / "tests" / "trainer_faults"
 TOKENIZING = "Running tokenizer on dataset"  # LLaMA-Factory's progress bar over the records
 
 
