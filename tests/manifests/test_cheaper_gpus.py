@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gke_sizing import cpu, gib
 from kustomize_helpers import pod_specs
 from pod_security import restricted_violations
 
@@ -33,6 +32,7 @@ from k8s_tasks.overlays import (
     render,
     with_components,
 )
+from k8s_tasks.sizing import cpu, gib
 from k8s_tasks.tools import REPO
 from k8s_tasks.validate import K8S_MINORS
 
