@@ -102,20 +102,21 @@ def test_record_and_message_numbers_count_from_one(tmp_path: Path):
 
 
 def test_system_prompt_and_history_reach_the_tokenized_training_data(storage: Storage):
-    """Real training on the tiny model; LLaMA-Factory's own preprocessing saves what it tokenized
-    (tokenized_path), and the first example holds the system prompt and the earlier turn, trained on."""
+    """Real training on the tiny model; LLaMA-Factory's own preprocessing saves what it tokenized (the
+    tokenized dataset training publishes once, beside its output), and the first example holds the system
+    prompt and the earlier turn, trained on."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    from entrypoint.tokenized import cache_root
+
     (storage.data / "dataset_info.json").unlink()  # the entry is generated: it must map the columns
     _write(storage.data / "chat.json", CHAT_RECORDS)
-    tokenized = storage.root / "tokenized"
-    (storage.root / "extra.yaml").write_text(f"tokenized_path: {tokenized}\n")
-    result = run_entrypoint("train", storage.env(DATASET="chat", MAX_STEPS="2", SAVE_STEPS="2",
-                                                 LLAMAFACTORY_CONFIG=str(storage.root / "extra.yaml")))
+    result = run_entrypoint("train", storage.env(DATASET="chat", MAX_STEPS="2", SAVE_STEPS="2"))
     assert result.returncode == ExitCode.OK, result.stderr[-3000:]
     assert storage.marker() is not None
 
+    (tokenized,) = [p for p in cache_root(storage.output).iterdir() if p.is_dir()]
     example = load_from_disk(str(tokenized))["train"][0]
     tokenizer = AutoTokenizer.from_pretrained(storage.output)  # the tokenizer training saved
     text = tokenizer.decode(example["input_ids"])
