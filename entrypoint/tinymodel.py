@@ -147,6 +147,30 @@ def _save(model: Any, tokenizer: Any, generation_eos: int | list[int], dest: Pat
     return dest
 
 
+def _shape(tokenizer: Any, layers: int, hidden: int, dtype: str) -> dict[str, Any]:
+    """The config fields both tiny models share: small, untied, heads vLLM's CPU build serves."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        **_attention_shape(hidden),
+        max_position_embeddings=_max_model_len(),
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+        # With the usual 0.02 a frozen random lm_head can barely move the logits, and LoRA on such a
+        # small model could never make an answer likely: wider init lets a few steps teach it.
+        initializer_range=0.2,
+    )
+
+
+def _random_model(model_class: Any, config: Any, dtype: str, seed: int) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return model_class(config).to(getattr(torch, dtype))
+
+
 def make_tiny_model(
     dest: Path,
     layers: int = 2,
@@ -156,28 +180,12 @@ def make_tiny_model(
     max_shard_size: str | None = None,
 ) -> Path:
     """Write a random-init Llama with tokenizer, chat template and generation config into dest."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        **_attention_shape(hidden),
-        max_position_embeddings=_max_model_len(),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype=dtype,
-        # With the usual 0.02 a frozen random lm_head can barely move the logits, and LoRA on such a
-        # small model could never make an answer likely: wider init lets a few steps teach it.
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    config = LlamaConfig(**_shape(tokenizer, layers, hidden, dtype), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = _random_model(LlamaForCausalLM, config, dtype, seed)
     eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOM)]
     return _save(model, tokenizer, eos, dest, max_shard_size)
 
@@ -193,25 +201,12 @@ def make_tiny_qwen2_model(
     """Write a random-init Qwen2-style base model into dest: like a Qwen2.5 base checkpoint, it ends text
     (config, tokenizer and generation config) with <|endoftext|>, while TEMPLATE=qwen trains its chat turns
     to end with <|im_end|>."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_qwen2_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        **_attention_shape(hidden),
-        max_position_embeddings=_max_model_len(),
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        torch_dtype=dtype,
-        initializer_range=0.2,  # as in make_tiny_model: lets a few LoRA steps teach an answer
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    config = Qwen2Config(**_shape(tokenizer, layers, hidden, dtype), bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = _random_model(Qwen2ForCausalLM, config, dtype, seed)
     return _save(model, tokenizer, tokenizer.eos_token_id, dest, max_shard_size)
 
 
