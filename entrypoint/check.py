@@ -19,6 +19,7 @@ def run(settings: Settings) -> int:
     lengths = None
     if decision.action is not Action.SKIP:
         datasets.validate(plan.data, Path(settings.dataset_path))
+        datasets.checked_eval(settings)
         lengths = token_lengths.measure(plan)  # what CUTOFF_LEN should cover
     print(json.dumps({
         "decision": decision.action.value,

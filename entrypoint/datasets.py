@@ -308,7 +308,8 @@ def validate(resolved: ResolvedDatasets, dataset_path: Path) -> None:
         validate_records(name, resolved.info[name], base)
 
 
-def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, generated_dir: Path) -> ResolvedDatasets:
+def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, generated_dir: Path,
+            variable: str = "DATASET") -> ResolvedDatasets:
     """Find and describe the datasets (files located, not yet validated); never write into dataset_path.
 
     generated_dir is where a dataset_info.json is written when the user has none; the caller decides
@@ -329,7 +330,7 @@ def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, gene
         for name in names:
             if name not in user_info:
                 known = ", ".join(sorted(user_info)) or "none"
-                raise ConfigError(f"DATASET={name!r} is not in {info_file} (datasets there: {known})")
+                raise ConfigError(f"{variable}={name!r} is not in {info_file} (datasets there: {known})")
             entries[name] = user_info[name]
             for path in entry_files(name, user_info[name], dataset_path):
                 files[str(path.resolve())] = file_identity(path)
@@ -342,7 +343,7 @@ def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, gene
         if not found:
             present = sorted(p.name for p in dataset_path.iterdir() if p.suffix in DATA_SUFFIXES)
             raise ConfigError(
-                f"DATASET={name!r}: no {DATASET_INFO} in {dataset_path} and no file "
+                f"{variable}={name!r}: no {DATASET_INFO} in {dataset_path} and no file "
                 f"{' or '.join(c.name for c in candidates)} there (data files present: "
                 f"{', '.join(present) or 'none'})"
             )
@@ -350,6 +351,23 @@ def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, gene
         entries[name] = entry
         files[str(found[0].resolve())] = file_identity(found[0])
     return ResolvedDatasets(generated_dir, names, entries, files, generated=True)
+
+
+def resolve_eval(settings: Any) -> ResolvedDatasets | None:
+    """EVAL_DATASET's datasets, found like DATASET's (None when it is empty); nothing is written."""
+    if not settings.eval_dataset:
+        return None
+    return resolve(Path(settings.dataset_path), settings.eval_dataset, settings.dataset_format,
+                   generated_dir=Path(settings.lora_output_path) / "eval_dataset_info", variable="EVAL_DATASET")
+
+
+def checked_eval(settings: Any) -> ResolvedDatasets | None:
+    """EVAL_DATASET found and every record validated, before training spends anything on a merge that would
+    refuse it; None when it is empty."""
+    evaluation = resolve_eval(settings)
+    if evaluation is not None:
+        validate(evaluation, Path(settings.dataset_path))
+    return evaluation
 
 
 def write_generated_info(resolved: ResolvedDatasets) -> None:

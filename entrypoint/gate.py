@@ -8,19 +8,17 @@ config without the template's stop token (vLLM then never stops). The checks, in
 - adapter_effect: every base tensor the adapter targets differs from the base's;
 - tokenizer: tokenizer, chat template, EOS and pad tokens and generation_config.json agree with the template
   training used (its stop words, the first of which is the EOS when the template replaces it);
-- probe: on a few prompts from the training data, rendered by the published chat template, the merged
-  model's greedy tokens equal base + adapter (PEFT's PeftModel) over the first PROBE_COMPARE_TOKENS, and each
-  generation stops at a stop token within PUBLISH_GATE_PROBE_TOKENS.
+- probe, stops, eval_loss: the checks that run the model (gate_probe.py): the merged model's greedy tokens
+  are base + adapter's, its generations stop, and (optionally) its loss on EVAL_DATASET is within a bar.
 
 Memory: the first two stream the shards one tensor at a time (a merged tensor and its base tensor at most);
-the probe loads one model at a time (merged, freed, then base + adapter), so the whole model is never held
-twice. Models above PUBLISH_GATE_PROBE_MAX_GIB skip the probe, and the report says so.
+the model-running checks load one model at a time (merged, freed, then base + adapter), so the whole model
+is never held twice. Models above PUBLISH_GATE_PROBE_MAX_GIB skip them, and the report says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -29,18 +27,21 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from entrypoint.companions import GENERATION_CONFIG, trained_eos
 from entrypoint.errors import ConfigError
 from entrypoint.files import read_json
 from entrypoint.model_dir import BaseModel, has_tokenizer, read_base_model, token_ids
 
+if TYPE_CHECKING:  # gate_probe imports Check from here
+    from entrypoint.gate_probe import Example, ModelRun
+
 log = logging.getLogger("entrypoint")
 
 REPORT = "gate.json"  # in each published version: what the gate checked and found
 PROBE_PROMPTS = 3
-PROBE_COMPARE_TOKENS = 16
+MODEL_CHECKS = ("probe", "stops")  # and eval_loss when PUBLISH_GATE_MAX_EVAL_LOSS is set
 GIB = 1024**3
 
 
@@ -87,8 +88,7 @@ class GateInputs:
     adapter: Path | None  # None: a full fine-tune (no adapter to compare with)
     targets: tuple[str, ...]  # base tensors the adapter changes
     template: Mapping[str, Any]  # training's chat template: name, stop_words, replace_eos
-    prompts: tuple[list[dict[str, str]], ...]  # chat messages ending with the user's turn
-    probe_tokens: int
+    run: ModelRun  # prompts, evaluation records, bounds
     probe_max_bytes: float
 
 
@@ -98,9 +98,10 @@ def run_gate(model_dir: Path, inputs: GateInputs, mode: str) -> GateReport:
     merged = read_base_model(model_dir)
     checks = [*_stream_checks(merged, inputs), _tokenizer_check(model_dir, merged, inputs.template)]
     failed = [c.name for c in checks if c.status == "fail"]
-    # The probe loads the model and renders its chat template: pointless, or impossible, after those failed.
-    checks.append(Check("probe", "skipped", f"not run: {', '.join(failed)} failed") if failed
-                  else _probe_check(model_dir, merged, inputs))
+    # The model-running checks load the model and render its chat template: pointless, or impossible, after
+    # those failed.
+    checks += [Check(name, "skipped", f"not run: {', '.join(failed)} failed") for name in _model_checks(inputs)] \
+        if failed else _run_model(model_dir, merged, inputs)
     report = GateReport(mode, checks, time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     for check in checks:
         log.log(logging.WARNING if check.status == "fail" else logging.INFO, "publish gate: %s %s: %s",
@@ -261,129 +262,86 @@ def _tokenizer_check(model_dir: Path, merged: BaseModel, template: Mapping[str, 
     return Check("tokenizer", "pass", f"EOS {eos!r}, stops {stops}, chat template present", data)
 
 
-# ---- probe: greedy generation, merged vs base + adapter ---------------------------------------------------
+def _model_checks(inputs: GateInputs) -> tuple[str, ...]:
+    return (*MODEL_CHECKS, *(("eval_loss",) if inputs.run.max_eval_loss else ()))
 
-def _probe_check(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> Check:
+
+def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[Check]:
     size = sum(shard.data_bytes for shard in merged.shards)
-    if not inputs.prompts:
-        return Check("probe", "skipped", "no probe prompt could be read from the training data")
+    names = _model_checks(inputs)
+    if not inputs.run.prompts and not inputs.run.eval_records:
+        return [Check(name, "skipped", "no probe prompt could be read from the data") for name in names]
     if size > inputs.probe_max_bytes:
-        return Check("probe", "skipped", f"the model's weights ({size / GIB:.2f} GiB) exceed "
-                     f"PUBLISH_GATE_PROBE_MAX_GIB={inputs.probe_max_bytes / GIB:g}: not loaded")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        return [Check(name, "skipped", f"the model's weights ({size / GIB:.2f} GiB) exceed "
+                      f"PUBLISH_GATE_PROBE_MAX_GIB={inputs.probe_max_bytes / GIB:g}: not loaded") for name in names]
+    from entrypoint.gate_probe import model_checks
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / GENERATION_CONFIG).is_file() else None
-    stop_ids = _stop_ids(generation, tokenizer)
-    encoded = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-               for messages in inputs.prompts]
-    encoded = [list(e["input_ids"]) if isinstance(e, Mapping) else list(e) for e in encoded]
     dtype = merged.config.get("torch_dtype") or "auto"
-
-    def generate(model) -> list[list[int]]:
-        outputs = []
-        with torch.inference_mode():
-            for ids in encoded:
-                prompt = torch.tensor([ids])
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                     max_new_tokens=inputs.probe_tokens, generation_config=generation,
-                                     pad_token_id=tokenizer.pad_token_id)
-                outputs.append(out[0, len(ids):].tolist())
-        return outputs
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, low_cpu_mem_usage=True).eval()
-    merged_out = generate(model)
-    del model
-    gc.collect()  # one model at a time: the merged one is gone before the base is loaded
-    reference = None
-    if inputs.adapter is not None:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(inputs.base.directory, torch_dtype=dtype, low_cpu_mem_usage=True)
-        model = PeftModel.from_pretrained(base, inputs.adapter).eval()
-        reference = generate(model)
-        del model, base
-        gc.collect()
-
-    problems = []
-    samples = []
-    for number, (messages, got) in enumerate(zip(inputs.prompts, merged_out, strict=True), start=1):
-        stopped = next((i for i, t in enumerate(got) if t in stop_ids), None)
-        sample = {"prompt": messages[-1]["content"][:200], "output": tokenizer.decode(got, skip_special_tokens=False),
-                  "tokens": len(got), "stopped_at": stopped}
-        if reference is not None:
-            want = reference[number - 1]
-            n = min(PROBE_COMPARE_TOKENS, len(want), len(got))
-            diverge = next((i for i in range(max(n, 1)) if i >= len(got) or i >= len(want) or got[i] != want[i]), None)
-            if n == 0 and len(got) == len(want):
-                diverge = None
-            sample["adapter_output"] = tokenizer.decode(want, skip_special_tokens=False)
-            sample["first_difference"] = diverge
-            if diverge is not None:
-                problems.append(f"prompt {number}: the merged model's greedy token {diverge + 1} differs from "
-                                "base+adapter's")
-        if stopped is None:
-            problems.append(f"prompt {number}: no stop token {sorted(stop_ids)} within "
-                            f"PUBLISH_GATE_PROBE_TOKENS={inputs.probe_tokens} new tokens")
-        samples.append(sample)
-    data = {"prompts": samples, "compare_tokens": PROBE_COMPARE_TOKENS, "max_new_tokens": inputs.probe_tokens}
-    if problems:
-        return Check("probe", "fail", "; ".join(problems[:3]), data)
-    what = "equal base+adapter's greedy tokens and stop" if reference is not None else "stop"
-    return Check("probe", "pass", f"{len(samples)} probe prompt(s) {what}", data)
-
-
-def _stop_ids(generation: Any, tokenizer: Any) -> set[int]:
-    raw = getattr(generation, "eos_token_id", None) if generation is not None else None
-    if raw is None:
-        raw = tokenizer.eos_token_id
-    return {raw} if isinstance(raw, int) else {int(i) for i in raw or ()}
+    return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, inputs.run)
 
 
 # ---- inputs: from the merge, or from a version's manifest -------------------------------------------------
 
-def probe_prompts(settings: Any, limit: int = PROBE_PROMPTS) -> tuple[list[dict[str, str]], ...]:
-    """The first records of the training data as chat messages up to the user's last turn, converted by
-    LLaMA-Factory's own dataset converters (its columns, formats and system prompts)."""
-    from entrypoint import datasets
-    from entrypoint.plan import build_plan
-
-    plan = build_plan(settings)
+def read_examples(settings: Any, data: Any, limit: int) -> tuple[Example, ...]:
+    """The first records of resolved datasets as chat messages up to the user's last turn (and the answer),
+    converted by LLaMA-Factory's own dataset converters (its columns, formats and system prompts)."""
     from llamafactory.data.converter import DATASET_CONVERTERS
     from llamafactory.data.parser import DatasetAttr
     from llamafactory.hparams import DataArguments
 
+    from entrypoint import datasets
+    from entrypoint.gate_probe import Example
+    from entrypoint.plan import llamafactory_args
+
     names = {f.name for f in dataclasses.fields(DataArguments) if f.init}
-    data_args = DataArguments(**{k: v for k, v in plan.lf_args.items() if k in names})
-    root = Path("/") if plan.data.generated else Path(settings.dataset_path)
-    prompts: list[list[dict[str, str]]] = []
-    for name in plan.data.names:
+    data_args = DataArguments(**{k: v for k, v in llamafactory_args(settings, data).items() if k in names})
+    root = Path("/") if data.generated else Path(settings.dataset_path)
+    examples: list[Example] = []
+    for name in data.names:
         attr = DatasetAttr("file", dataset_name=name)
-        attr.join(plan.data.info[name])
+        attr.join(data.info[name])
         convert = DATASET_CONVERTERS[attr.formatting](attr, data_args)
-        for path in datasets.entry_files(name, plan.data.info[name], root):
+        for path in datasets.entry_files(name, data.info[name], root):
             for _, record in datasets.iter_records(path):
                 example = convert(defaultdict(lambda: None, record))
                 messages = [{"role": m["role"], "content": m["content"]} for m in example["_prompt"]]
                 if example.get("_system"):
                     messages.insert(0, {"role": "system", "content": example["_system"]})
                 if messages and messages[-1]["role"] == "user":
-                    prompts.append(messages)
-                if len(prompts) >= limit:
-                    return tuple(prompts)
-    return tuple(prompts)
+                    response = [{"role": m["role"], "content": m["content"]} for m in example["_response"] or ()]
+                    examples.append(Example(messages, response[:1]))
+                if len(examples) >= limit:
+                    return tuple(examples)
+    return tuple(examples)
 
 
 def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: Iterable[str],
                 template: Mapping[str, Any] | None) -> GateInputs:
-    try:
-        prompts = probe_prompts(settings)
-    except ConfigError as exc:  # e.g. an adapter trained elsewhere (MERGE_UNMARKED_ADAPTER) without its data here
-        log.warning("publish gate: no probe prompts from the training data: %s", exc)
-        prompts = ()
-    return GateInputs(base, adapter, tuple(targets), dict(template or {}), prompts,
-                      settings.publish_gate_probe_tokens, settings.publish_gate_probe_max_gib * GIB)
+    """What to check against. With EVAL_DATASET set its records give the probe prompts and the loss bar's
+    records (a missing or malformed one is a configuration error); else the training data's first records
+    give the prompts, when they can be read here."""
+    from entrypoint import datasets
+    from entrypoint.gate_probe import ModelRun
+
+    evaluation = datasets.checked_eval(settings)
+    records: tuple[Example, ...] = ()
+    if evaluation is not None:
+        wanted = settings.publish_gate_eval_records if settings.publish_gate_max_eval_loss else 0
+        records = read_examples(settings, evaluation, max(wanted, PROBE_PROMPTS))
+        prompts = records[:PROBE_PROMPTS]
+        records = records[:wanted]
+    else:
+        try:
+            from entrypoint.plan import build_plan
+
+            prompts = read_examples(settings, build_plan(settings).data, PROBE_PROMPTS)
+        except ConfigError as exc:  # e.g. an adapter trained elsewhere (MERGE_UNMARKED_ADAPTER), its data not here
+            log.warning("publish gate: no probe prompts from the training data: %s", exc)
+            prompts = ()
+    run = ModelRun(prompts, records, settings.publish_gate_max_eval_loss, settings.publish_gate_probe_tokens,
+                   settings.publish_gate_probe_seconds, settings.cutoff_len)
+    return GateInputs(base, adapter, tuple(targets), dict(template or {}), run,
+                      settings.publish_gate_probe_max_gib * GIB)
 
 
 def dumps(report: GateReport) -> str:

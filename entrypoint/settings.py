@@ -82,7 +82,7 @@ class Option:
         if self.path:
             return "an absolute path"
         if self.kind == "list":
-            return "a comma-separated list of names"
+            return "a comma-separated list of names" + (", or empty" if self.optional else "")
         return "a string"
 
     def parse(self, raw: str) -> Any:
@@ -325,6 +325,21 @@ class Settings:
     publish_gate_probe_tokens: int = option(
         "PUBLISH_GATE_PROBE_TOKENS", "64", "New tokens each probe prompt may generate before it must have stopped "
         "at a stop token.", "merge", minimum=1, maximum=4096)
+    publish_gate_probe_seconds: float = option(
+        "PUBLISH_GATE_PROBE_SECONDS", "300", "Time the probe's generations may take in all; a prompt it cuts "
+        "short before a stop token leaves the stop check not verified (reported as skipped, never failed).",
+        "merge", minimum=1, maximum=86400)
+    eval_dataset: tuple[str, ...] | None = option(
+        "EVAL_DATASET", "", "Held-out datasets (named as in DATASET) the publish gate takes its probe prompts "
+        "and PUBLISH_GATE_MAX_EVAL_LOSS's records from. Empty: probe prompts from the training data, no loss "
+        "bar.", "merge", optional=True)
+    publish_gate_max_eval_loss: str = option(
+        "PUBLISH_GATE_MAX_EVAL_LOSS", "", "Quality bar on EVAL_DATASET: the merged model's mean loss per "
+        "response token must be at most this number, or at most the base model's (base). Empty: no bar.",
+        "merge")
+    publish_gate_eval_records: int = option(
+        "PUBLISH_GATE_EVAL_RECORDS", "64", "EVAL_DATASET records (its first) the loss bar scores.", "merge",
+        minimum=1, maximum=100000)
     publish_gate_probe_max_gib: float = option(
         "PUBLISH_GATE_PROBE_MAX_GIB", "6", "Largest model (weights, GiB) the generation probe loads; it holds one "
         "copy at a time, so the merge Job's memory limit must exceed this. Larger models skip the probe (the "
@@ -373,7 +388,7 @@ def _kind(annotation: Any) -> tuple[str, tuple[str, ...]]:
         return "float", ()
     if annotation is bool:
         return "bool", ()
-    if annotation == tuple[str, ...]:
+    if annotation in (tuple[str, ...], tuple[str, ...] | None):
         return "list", ()
     if annotation is str:
         return "str", ()
@@ -570,11 +585,31 @@ def check_topology(settings: Settings) -> None:
     )
 
 
+def _check_eval_loss(values: dict[str, Any]) -> str | None:
+    raw = values["publish_gate_max_eval_loss"].strip()
+    values["publish_gate_max_eval_loss"] = raw.lower() if raw.lower() == "base" else raw
+    if not raw or raw.lower() == "base":
+        pass
+    else:
+        try:
+            bound = float(raw)
+        except ValueError:
+            bound = -1.0
+        if not (math.isfinite(bound) and bound > 0):
+            return (f"PUBLISH_GATE_MAX_EVAL_LOSS={raw!r} is not valid: expected a number > 0, base (not worse than "
+                    "the base model), or empty (no bar)")
+    if raw and not values["eval_dataset"]:
+        return (f"PUBLISH_GATE_MAX_EVAL_LOSS={raw!r} needs EVAL_DATASET: the held-out datasets the loss is measured "
+                "on (named as in DATASET)")
+    return None
+
+
 _CROSS_CHECKS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     _check_nproc,
     _check_tracking,
     _check_mlflow_uri,
     _check_paths_distinct,
+    _check_eval_loss,
 )
 
 

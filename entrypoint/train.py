@@ -135,6 +135,7 @@ def check_before_writing(plan: TrainPlan) -> dict[str, Any]:
     the chat template does to the tokenizer (worker.check_template)."""
     settings = plan.settings
     datasets.validate(plan.data, Path(settings.dataset_path))
+    datasets.checked_eval(settings)  # the merge's publish gate reads it
     from entrypoint import worker  # the heavy imports start here, once there is work to do
 
     worker.check_model_type(plan.base.config, settings.trust_remote_code)

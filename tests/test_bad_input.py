@@ -222,6 +222,14 @@ def _deepspeed_absent(storage: Storage) -> dict[str, str]:
     return {"DEEPSPEED": "zero3"}
 
 
+def _malformed_eval_dataset(s: Storage) -> dict[str, str]:
+    info = json.loads((s.data / "dataset_info.json").read_text())
+    _write(s.data / "dataset_info.json", json.dumps({**info, "held_out": {**info["train_data"],
+                                                                           "file_name": "held_out.json"}}))
+    _write(s.data / "held_out.json", "[{oops")
+    return {"EVAL_DATASET": "held_out"}
+
+
 Case = tuple[str, Callable[[Storage], dict[str, str]], str]
 CASES: list[Case] = [
     ("unknown-finetuning-type", lambda s: {"FINETUNING_TYPE": "qlora4"},
@@ -245,6 +253,11 @@ CASES: list[Case] = [
     ("missing-dataset-dir", lambda s: {"DATASET_PATH": str(s.root / "no-data")}, "is not a directory"),
     ("dataset-not-registered", lambda s: {"DATASET": "other"},
      "DATASET='other' is not in"),
+    ("eval-dataset-not-registered", lambda s: {"EVAL_DATASET": "held_out"},
+     "EVAL_DATASET='held_out' is not in"),
+    ("eval-dataset-malformed", _malformed_eval_dataset, "held_out.json: not valid JSON"),
+    ("eval-loss-bar-without-eval-dataset", lambda s: {"PUBLISH_GATE_MAX_EVAL_LOSS": "base"},
+     "PUBLISH_GATE_MAX_EVAL_LOSS='base' needs EVAL_DATASET"),
     ("alpaca-record-without-output", lambda s: _records(s, [{"instruction": "q", "output": "a"}] * 3 + [
         {"instruction": "q", "input": ""}]) or {}, "record 4: field 'output' must be a non-empty string"),
     ("dataset-not-json", lambda s: _write(s.data / "train_data.json", "[{oops") or {}, "not valid JSON"),

@@ -58,9 +58,10 @@ def test_a_good_adapter_publishes_with_the_gates_report(published: Storage, mlfl
     report = json.loads((version / "gate.json").read_text())
     assert report["passed"] and report["mode"] == "strict"
     assert {c["name"]: c["status"] for c in report["checks"]} == {
-        "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "pass"}
+        "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "pass", "stops": "pass"}
     probe = next(c for c in report["checks"] if c["name"] == "probe")["data"]["prompts"]
     assert probe and all(p["first_difference"] is None and p["stopped_at"] is not None for p in probe)
+    assert all(p["compared"] == min(16, p["tokens"]) > 0 for p in probe), "each prompt's tokens were compared"
     manifest = json.loads((version / ".merge.json").read_text())
     assert manifest["gate"] == {"mode": "strict", "passed": True, "failed": []}
 
@@ -89,7 +90,7 @@ def test_a_published_version_carries_its_lineage_and_model_card(published: Stora
                                  "tracking_uri": mlflow_server.uri}
     assert lineage["image"] == "registry.example/llama-factory-train:test"
     assert lineage["gate"]["passed"] and [c["name"] for c in lineage["gate"]["checks"]] == [
-        "finite", "adapter_effect", "tokenizer", "probe"]
+        "finite", "adapter_effect", "tokenizer", "probe", "stops"]
     card = (version / "README.md").read_text()
     assert f"{len(DEMO_RECORDS)} records" in card and marker["mlflow_run_id"] in card and "probe: pass" in card
 
@@ -194,9 +195,84 @@ def test_verify_checks_a_published_version_alone(published: Storage, tmp_path: P
     assert name in bad.stdout
 
 
-def run_entrypoint_verify(storage: Storage, directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)], env=storage.env(**STRICT),
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_a_merge_that_is_not_base_plus_adapter_fails_the_probe(published: Storage, tmp_path: Path):
+    """Weights that differ from the base (adapter_effect passes) but are not base + adapter: the teacher-forced
+    comparison with PEFT's PeftModel names the first token that differs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    version = (published.root / "models" / "merged-model").resolve()
+    wrong = shutil.copytree(version, tmp_path / "wrong")
+    tensors = load_file(wrong / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in tensors.items():
+        if name.endswith("proj.weight"):
+            tensor += torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype) * 0.5
+    save_file(tensors, wrong / "model.safetensors", metadata={"format": "pt"})
+    result = run_entrypoint_verify(published, wrong)
+    assert result.returncode == ExitCode.CONFIG, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "publish gate: check probe failed: prompt 1: the merged model's greedy token" in last, last
+    assert "is not base+adapter's" in last
+    report = json.loads(result.stdout)
+    assert {c["name"]: c["status"] for c in report["checks"]}["adapter_effect"] == "pass"
+
+
+def test_the_eval_loss_bar_against_the_base_model_and_a_number(published: Storage):
+    """EVAL_DATASET gives the probe prompts and the records scored; the trained adapter's loss on its answers
+    is below the untrained base's, and above an impossible bound."""
+    version = (published.root / "models" / "merged-model").resolve()
+    against_base = run_entrypoint_verify(published, version, EVAL_DATASET="train_data",
+                                         PUBLISH_GATE_MAX_EVAL_LOSS="base")
+    assert against_base.returncode == 0, against_base.stderr[-2000:]
+    check = next(c for c in json.loads(against_base.stdout)["checks"] if c["name"] == "eval_loss")
+    assert check["status"] == "pass" and check["data"]["records"] > 0
+    assert 0 < check["data"]["loss"] < check["data"]["base_loss"]
+
+    impossible = run_entrypoint_verify(published, version, EVAL_DATASET="train_data",
+                                       PUBLISH_GATE_MAX_EVAL_LOSS="0.000001")
+    assert impossible.returncode == ExitCode.CONFIG
+    assert "publish gate: check eval_loss failed: loss" in impossible.stderr.strip().splitlines()[-1]
+
+
+def test_eval_dataset_errors_are_configuration_errors(published: Storage):
+    version = (published.root / "models" / "merged-model").resolve()
+    missing = run_entrypoint_verify(published, version, EVAL_DATASET="held_out")
+    assert missing.returncode == ExitCode.CONFIG
+    assert "EVAL_DATASET='held_out'" in missing.stderr.strip().splitlines()[-1]
+    unbound = run_entrypoint_verify(published, version, PUBLISH_GATE_MAX_EVAL_LOSS="base")
+    assert unbound.returncode == ExitCode.CONFIG
+    assert "PUBLISH_GATE_MAX_EVAL_LOSS='base' needs EVAL_DATASET" in unbound.stderr
+    bad = run_entrypoint_verify(published, version, EVAL_DATASET="train_data", PUBLISH_GATE_MAX_EVAL_LOSS="low")
+    assert bad.returncode == ExitCode.CONFIG
+    assert "expected a number > 0, base (not worse than the base model), or empty" in bad.stderr
+
+
+def test_the_stop_check_within_its_token_and_time_bounds(tiny_model: Path):
+    """The untrained base does not stop within 8 tokens: under PUBLISH_GATE_PROBE_TOKENS=8 that fails; when the
+    time budget runs out first (here after the one step every prompt gets), the stop is reported not verified
+    (skipped), never passed."""
+    from entrypoint.gate_probe import Example, ModelRun, model_checks
+
+    prompts = (Example([{"role": "user", "content": "What is the capital of France?"}]),)
+
+    def stops(tokens: int, seconds: float):
+        run = ModelRun(prompts, (), "", tokens, seconds, 512)
+        checks = {c.name: c for c in model_checks(tiny_model, tiny_model, None, "float32", run)}
+        assert checks["probe"].status == "skipped", "a full model: nothing to compare with"
+        return checks["stops"]
+
+    bounded = stops(8, 300)
+    assert bounded.status == "fail" and "no stop token" in bounded.detail and "PUBLISH_GATE_PROBE_TOKENS=8" in \
+        bounded.detail
+    cut = stops(100000, 0.001)
+    assert cut.status == "skipped" and "PUBLISH_GATE_PROBE_SECONDS=0.001 ran out" in cut.detail
+    assert cut.data["not_verified"] == [1] and 0 < cut.data["seconds"] < 30
+
+
+def run_entrypoint_verify(storage: Storage, directory: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)],
+                          env=storage.env(**STRICT, **env), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def run_command(storage: Storage, *args: str, **env: str) -> subprocess.CompletedProcess:
