@@ -201,8 +201,14 @@ def record_gate(tracker: Tracker, report_path: Path) -> None:
     report = read_json(report_path)
     if report is None:
         return
-    tracker.log_metrics({"gate_passed": float(report["passed"]), "gate_seconds": report["seconds"],
-                         "gate_peak_rss_mib": report["peak_rss_mib"]}, step=0)
+    metrics = {"gate_passed": float(report["passed"]), "gate_seconds": report["seconds"],
+               "gate_peak_rss_mib": report["peak_rss_mib"]}
+    for check in report["checks"]:
+        if check["name"] == "eval_loss":
+            data = check["data"]
+            values = {"gate_eval_loss": data.get("loss"), "gate_base_eval_loss": data.get("base_loss")}
+            metrics.update({k: v for k, v in values.items() if v is not None})
+    tracker.log_metrics(metrics, step=0)
     tracker.set_tags({"gate_result": "passed" if report["passed"] else "failed: " + ", ".join(
         c["name"] for c in report["checks"] if c["status"] == "fail")})
     tracker.log_artifact(report_path)

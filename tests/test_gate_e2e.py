@@ -235,6 +235,24 @@ def test_the_eval_loss_bar_against_the_base_model_and_a_number(published: Storag
     assert "publish gate: check eval_loss failed: loss" in impossible.stderr.strip().splitlines()[-1]
 
 
+def test_a_merge_with_the_loss_bar_records_it_on_the_training_run(published: Storage, mlflow_server):
+    """The bar in the Job: the merge publishes, and the run that trained the adapter gets the losses."""
+    _rewrite_adapter(published, lambda tensors: [t.mul_(1.01) for n, t in tensors.items() if "lora_B" in n])
+    env = published.env(**STRICT, TRACKING="mlflow", MLFLOW_TRACKING_URI=mlflow_server.uri, EVAL_DATASET="train_data",
+                        PUBLISH_GATE_MAX_EVAL_LOSS="base")
+    result = run_entrypoint("merge", env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = (published.root / "models" / "merged-model").resolve()
+    assert version.name.startswith("v0002-")
+    report = json.loads((version / "gate.json").read_text())
+    check = next(c for c in report["checks"] if c["name"] == "eval_loss")
+    assert check["status"] == "pass"
+    marker = json.loads((published.output / ".job" / "COMPLETE.json").read_text())
+    metrics = mlflow_server.client().get_run(marker["mlflow_run_id"]).data.metrics
+    assert metrics["gate_eval_loss"] == pytest.approx(check["data"]["loss"])
+    assert metrics["gate_base_eval_loss"] == pytest.approx(check["data"]["base_loss"])
+
+
 def test_eval_dataset_errors_are_configuration_errors(published: Storage):
     version = (published.root / "models" / "merged-model").resolve()
     missing = run_entrypoint_verify(published, version, EVAL_DATASET="held_out")
