@@ -8,9 +8,10 @@ each method in its own process and prints peak RSS, wall time, output size and d
 - `python -m entrypoint merge` as the merge Job runs it (inputs, lock, merge, checks, atomic publish),
 - the streaming merge function alone, PEFT's merge_and_unload + save_pretrained, llamafactory-cli export,
 - `cp -r` + `sync`, the I/O floor.
-With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off, then warn: the
-random model never stops, so the probe fails, but every check runs, the generation probe included), and
-their ratio of peak RSS and wall time. Exits 1 when a target is missed. For the command: peak RSS <= 0.30x
+With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off, then warn with
+the demo data as EVAL_DATASET and PUBLISH_GATE_MAX_EVAL_LOSS=base: the random model never stops, so the stop
+check fails, but every check runs, the generation and the loss bar included), and their ratio of peak RSS
+and wall time. Exits 1 when a target is missed. For the command: peak RSS <= 0.30x
 PEFT's, wall <= 0.5x PEFT's and <= 3x the floor's, output dtype and size equal the base's.
 
 Peak RSS is the child's ru_maxrss from wait4(). Linux carries the parent's RSS high-water mark into a
@@ -236,7 +237,8 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
     command = [sys.executable, "-m", "entrypoint", "merge"]
     alone = measure("merge (PUBLISH_GATE=off)", command, published, job_env)
     gated = measure("merge + gate (PUBLISH_GATE=warn)", command, published,
-                    {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO"})
+                    {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO",
+                     "EVAL_DATASET": "train_data", "PUBLISH_GATE_MAX_EVAL_LOSS": "base"})
     report = json.loads((published.resolve() / "gate.json").read_text())
     print()
     print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone |")
@@ -248,6 +250,8 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
     print(f"gate alone: {report['seconds']:.1f} s; checks: "
           + ", ".join(f"{c['name']} {c['status']}" for c in report["checks"]))
     ran = {c["name"]: c["status"] for c in report["checks"]}
+    for check in report["checks"]:
+        print(f"- {check['name']}: {check['status']}: {check['detail']}")
     return 0 if ran.get("probe") != "skipped" and ran.get("finite") == "pass" else 1
 
 
