@@ -8,7 +8,8 @@ each method in its own process and prints peak RSS, wall time, output size and d
 - `python -m entrypoint merge` as the merge Job runs it (inputs, lock, merge, checks, atomic publish),
 - the streaming merge function alone, PEFT's merge_and_unload + save_pretrained, llamafactory-cli export,
 - `cp -r` + `sync`, the I/O floor.
-With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off, then warn with
+With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off; warn with the
+model-running checks skipped, PUBLISH_GATE_PROBE_MAX_GIB=0; then warn with
 the demo data as EVAL_DATASET and PUBLISH_GATE_MAX_EVAL_LOSS=base: the random model never stops, so the stop
 check fails, but every check runs, the generation and the loss bar included), and their ratio of peak RSS
 and wall time. Exits 1 when a target is missed. For the command: peak RSS <= 0.30x
@@ -236,6 +237,8 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     command = [sys.executable, "-m", "entrypoint", "merge"]
     alone = measure("merge (PUBLISH_GATE=off)", command, published, job_env)
+    streamed = measure("merge + streamed checks (PUBLISH_GATE_PROBE_MAX_GIB=0)", command, published,
+                       {**job_env, "PUBLISH_GATE": "warn", "PUBLISH_GATE_PROBE_MAX_GIB": "0"})
     gated = measure("merge + gate (PUBLISH_GATE=warn)", command, published,
                     {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO",
                      "EVAL_DATASET": "train_data", "PUBLISH_GATE_MAX_EVAL_LOSS": "base"})
@@ -243,7 +246,7 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
     print()
     print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone |")
     print("|---|---:|---:|---:|---:|")
-    for row in (alone, gated):
+    for row in (alone, streamed, gated):
         print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['rss_mb'] / alone['rss_mb']:.2f} "
               f"| {row['wall_s'] / alone['wall_s']:.2f} |")
     print()

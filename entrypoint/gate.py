@@ -19,13 +19,13 @@ is never held twice. Models above PUBLISH_GATE_PROBE_MAX_GIB skip them, and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import math
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,8 @@ class GateInputs:
     adapter: Path | None  # None: a full fine-tune (no adapter to compare with)
     targets: tuple[str, ...]  # base tensors the adapter changes
     template: Mapping[str, Any]  # training's chat template: name, stop_words, replace_eos
-    run: ModelRun  # prompts, evaluation records, bounds
+    max_eval_loss: str  # PUBLISH_GATE_MAX_EVAL_LOSS: whether there is an eval_loss check
+    read_run: Callable[[], ModelRun]  # prompts, evaluation records, bounds: read only when the model runs
     probe_max_bytes: float
 
 
@@ -120,31 +121,37 @@ def write_report(report: GateReport, path: Path) -> None:
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
+CHUNK_BYTES = 8 << 20  # read and checked at once: the checks hold two such chunks, whatever the tensor's size
+
+
 class _Reader:
-    """Reads single tensors of one safetensors file into a reused buffer."""
+    """Reads one safetensors file's tensors in chunks, into one reused buffer per role."""
 
     def __init__(self, header) -> None:
         self.header = header
         self.entries = header.by_name()
         self.file = open(header.path, "rb")  # noqa: SIM115 (closed by close)
-        self.buffers: dict[Any, Any] = {}
+        self.buffers: dict[str, Any] = {}
 
-    def read(self, name: str, role: str = "a"):
+    def chunks(self, name: str, role: str = "a") -> Iterator[Any]:
+        """The tensor's values, CHUNK_BYTES at a time (a multiple of every element size), as flat views of
+        the role's buffer: each is overwritten by the next."""
         import torch
 
         from entrypoint.lora_merge import FLOAT_DTYPES
 
         entry = self.entries[name]
-        dtype = FLOAT_DTYPES[entry.dtype]
-        numel = math.prod(entry.shape)
-        buffer = self.buffers.get((role, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[role, dtype] = torch.empty(numel, dtype=dtype)
-        out = buffer[:numel]
-        self.file.seek(self.header.data_start + entry.start)
-        if entry.nbytes and self.file.readinto(out.view(torch.uint8).numpy().data) != entry.nbytes:
-            raise ConfigError(f"{self.header.path} ended while reading {name!r}")
-        return out.view(entry.shape)
+        buffer = self.buffers.get(role)
+        if buffer is None:
+            buffer = self.buffers[role] = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+        start = self.header.data_start + entry.start
+        for done in range(0, entry.nbytes, CHUNK_BYTES):
+            size = min(CHUNK_BYTES, entry.nbytes - done)
+            view = buffer[:size]
+            self.file.seek(start + done)
+            if self.file.readinto(view.numpy().data) != size:
+                raise ConfigError(f"{self.header.path} ended while reading {name!r}")
+            yield view.view(FLOAT_DTYPES[entry.dtype])
 
     def close(self) -> None:
         self.file.close()
@@ -166,17 +173,24 @@ def _stream_checks(merged: BaseModel, inputs: GateInputs) -> list[Check]:
                 for entry in shard.entries:
                     if entry.dtype not in FLOAT_CODES:
                         continue
-                    tensor = reader.read(entry.name)
-                    if not bool(torch.isfinite(tensor).all()):
-                        not_finite.append(entry.name)
+                    base_chunks = None
                     if entry.name in targets and entry.name in inputs.base.tensors:
-                        base_shard, _ = inputs.base.tensors[entry.name]
-                        name = base_shard.path.name
-                        if name not in base_readers:
-                            base_readers[name] = _Reader(base_shards[name])
                         compared += 1
-                        if torch.equal(tensor, base_readers[name].read(entry.name, "base")):
-                            unchanged.append(entry.name)
+                        base_shard, base_entry = inputs.base.tensors[entry.name]
+                        if (base_entry.dtype, base_entry.nbytes) == (entry.dtype, entry.nbytes):
+                            name = base_shard.path.name
+                            if name not in base_readers:
+                                base_readers[name] = _Reader(base_shards[name])
+                            base_chunks = base_readers[name].chunks(entry.name, "base")
+                    finite, equal = True, base_chunks is not None
+                    for chunk in reader.chunks(entry.name):
+                        finite = finite and bool(torch.isfinite(chunk).all())
+                        if base_chunks is not None:
+                            equal = torch.equal(chunk, next(base_chunks)) and equal
+                    if not finite:
+                        not_finite.append(entry.name)
+                    if equal:
+                        unchanged.append(entry.name)
             finally:
                 reader.close()
     finally:
@@ -263,21 +277,22 @@ def _tokenizer_check(model_dir: Path, merged: BaseModel, template: Mapping[str, 
 
 
 def _model_checks(inputs: GateInputs) -> tuple[str, ...]:
-    return (*MODEL_CHECKS, *(("eval_loss",) if inputs.run.max_eval_loss else ()))
+    return (*MODEL_CHECKS, *(("eval_loss",) if inputs.max_eval_loss else ()))
 
 
 def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[Check]:
     size = sum(shard.data_bytes for shard in merged.shards)
     names = _model_checks(inputs)
-    if not inputs.run.prompts and not inputs.run.eval_records:
-        return [Check(name, "skipped", "no probe prompt could be read from the data") for name in names]
     if size > inputs.probe_max_bytes:
         return [Check(name, "skipped", f"the model's weights ({size / GIB:.2f} GiB) exceed "
                       f"PUBLISH_GATE_PROBE_MAX_GIB={inputs.probe_max_bytes / GIB:g}: not loaded") for name in names]
+    run = inputs.read_run()  # LLaMA-Factory's converters: imported only when the model runs
+    if not run.prompts and not run.eval_records:
+        return [Check(name, "skipped", "no probe prompt could be read from the data") for name in names]
     from entrypoint.gate_probe import model_checks
 
     dtype = merged.config.get("torch_dtype") or "auto"
-    return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, inputs.run)
+    return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, run)
 
 
 # ---- inputs: from the merge, or from a version's manifest -------------------------------------------------
@@ -317,9 +332,14 @@ def read_examples(settings: Any, data: Any, limit: int) -> tuple[Example, ...]:
 
 def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: Iterable[str],
                 template: Mapping[str, Any] | None) -> GateInputs:
-    """What to check against. With EVAL_DATASET set its records give the probe prompts and the loss bar's
-    records (a missing or malformed one is a configuration error); else the training data's first records
-    give the prompts, when they can be read here."""
+    return GateInputs(base, adapter, tuple(targets), dict(template or {}), settings.publish_gate_max_eval_loss,
+                      functools.partial(model_run, settings), settings.publish_gate_probe_max_gib * GIB)
+
+
+def model_run(settings: Any) -> ModelRun:
+    """What the model-running checks use. With EVAL_DATASET set its records give the probe prompts and the
+    loss bar's records (a missing or malformed one is a configuration error); else the training data's first
+    records give the prompts, when they can be read here."""
     from entrypoint import datasets
     from entrypoint.gate_probe import ModelRun
 
@@ -338,10 +358,8 @@ def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: I
         except ConfigError as exc:  # e.g. an adapter trained elsewhere (MERGE_UNMARKED_ADAPTER), its data not here
             log.warning("publish gate: no probe prompts from the training data: %s", exc)
             prompts = ()
-    run = ModelRun(prompts, records, settings.publish_gate_max_eval_loss, settings.publish_gate_probe_tokens,
-                   settings.publish_gate_probe_seconds, settings.cutoff_len)
-    return GateInputs(base, adapter, tuple(targets), dict(template or {}), run,
-                      settings.publish_gate_probe_max_gib * GIB)
+    return ModelRun(prompts, records, settings.publish_gate_max_eval_loss, settings.publish_gate_probe_tokens,
+                    settings.publish_gate_probe_seconds, settings.cutoff_len)
 
 
 def dumps(report: GateReport) -> str:

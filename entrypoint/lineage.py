@@ -29,13 +29,18 @@ BASE_CARD = "README.base.md"  # the base model's own README, kept beside ours
 
 def dataset_statistics(settings: Any) -> dict[str, Any]:
     """Records and tokens of the training data as LLaMA-Factory renders them (token_lengths), or why not."""
-    from entrypoint import token_lengths
     from entrypoint.plan import build_plan
 
     try:
-        report = token_lengths.measure(build_plan(settings))
+        return plan_statistics(build_plan(settings))
     except ConfigError as exc:
         return {"error": str(exc)}
+
+
+def plan_statistics(plan: Any) -> dict[str, Any]:
+    from entrypoint import token_lengths
+
+    report = token_lengths.measure(plan)
     measured = report["measured"] or 1
     return {**report, "share_truncated": round(report["longer_than_cutoff"] / measured, 4)}
 

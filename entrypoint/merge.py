@@ -161,7 +161,8 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
                                                "failed": [c.name for c in gate.failed]},
         }
         lineage = build_lineage(settings, inputs, f"v{published.next_number():04d}", result,
-                                summary(gate.as_dict()) if gate else None, dataset_statistics(settings))
+                                summary(gate.as_dict()) if gate else None,
+                                inputs.marker.get("data_statistics") or dataset_statistics(settings))
         write_lineage(workdir, lineage)
         version = published.publish(workdir, inputs.fingerprint, manifest)
     return version, result

@@ -241,7 +241,20 @@ def mark_complete(plan: TrainPlan, record: RunRecord, template: dict[str, Any], 
         "mlflow_synced": synced,  # False until the MLflow run holds everything (see tracking.repair_run)
         "files": check_outputs(plan.output, plan.lf_args.get("finetuning_type") == "lora"),
         "results": run_results(plan.output),
+        "data_statistics": data_statistics(plan),  # the published model's lineage: the merge reads them here
     })
+
+
+def data_statistics(plan: TrainPlan) -> dict[str, Any]:
+    """Records and tokens of the data just trained on, measured once here, where LLaMA-Factory is loaded
+    anyway, and not in every merge Job. Never fatal: the training is complete whatever they say."""
+    from entrypoint.lineage import plan_statistics
+
+    try:
+        return plan_statistics(plan)
+    except Exception as exc:  # informational only: a completed training must be marked complete
+        log.warning("could not measure the training data's token statistics: %s", exc)
+        return {"error": str(exc)}
 
 
 def mark_synced(output: Path) -> None:

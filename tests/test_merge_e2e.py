@@ -113,6 +113,28 @@ def test_merged_model_answers_like_training_and_rerun_skips(trained: Storage, ml
     assert "already serves this adapter" in probe.stderr
 
 
+def test_a_merge_whose_gate_does_not_run_the_model_loads_torch_alone(trained: Storage):
+    """The Job's memory is the merge's: the dataset statistics come from training's marker, and the gate's
+    streamed checks need no transformers; LLaMA-Factory, transformers and PEFT load only for the probe."""
+    from entrypoint.tinymodel import DEMO_RECORDS
+
+    marker = json.loads((trained.output / ".job" / "COMPLETE.json").read_text())
+    assert marker["data_statistics"]["records"] == len(DEMO_RECORDS), "measured when training completed"
+    env = trained.env(PUBLISH_GATE="strict", PUBLISH_GATE_PROBE_MAX_GIB="0")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import runpy, sys, json\nsys.argv = ['entrypoint', 'merge']\ntry:\n"
+         "    runpy.run_module('entrypoint', run_name='__main__')\nexcept SystemExit as exc:\n    code = exc.code\n"
+         f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY_MODULES!r} if m in sys.modules]}}))\n"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": ["torch"]}, probe.stderr
+    version = merged_path(trained).resolve()
+    gate = {c["name"]: c["status"] for c in json.loads((version / "gate.json").read_text())["checks"]}
+    assert gate == {"finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "skipped",
+                    "stops": "skipped"}
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["dataset"]["statistics"] == marker["data_statistics"]
+
+
 def test_each_new_training_publishes_a_version_and_old_ones_are_pruned(merged: Storage):
     trained = merged
     first = merged_path(trained).resolve()
