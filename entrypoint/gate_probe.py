@@ -64,7 +64,13 @@ def model_checks(model_dir: Path, base_dir: Path, adapter: Path | None, dtype: A
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stop_ids = _stop_ids(model_dir, tokenizer)
-    prompts = [_encode(tokenizer, example.messages, add_generation_prompt=True) for example in run.prompts]
+    # A prompt longer than training's CUTOFF_LEN is not probed: the model never saw one. Generation stops at
+    # the model's last position (some position embeddings end there).
+    positions = _max_positions(model_dir)
+    limit = min(run.cutoff_len, positions - 1)
+    encoded = [(example, _encode(tokenizer, example.messages, add_generation_prompt=True)) for example in run.prompts]
+    examples = [example for example, ids in encoded if len(ids) <= limit]
+    prompts = [ids for _, ids in encoded if len(ids) <= limit]
     scored = [_labelled(tokenizer, example, run.cutoff_len) for example in run.eval_records]
     usable = [s for s in scored if s is not None]
 
@@ -73,7 +79,7 @@ def model_checks(model_dir: Path, base_dir: Path, adapter: Path | None, dtype: A
 
     with torch.inference_mode():
         model = load(model_dir)
-        generated, seconds = _generate(model, prompts, stop_ids, tokenizer, run)
+        generated, seconds = _generate(model, prompts, stop_ids, tokenizer, run, positions)
         merged_loss = _loss(model, usable) if usable else None
         del model
         gc.collect()  # one model at a time: the merged one is gone before the base is loaded
@@ -99,9 +105,13 @@ def model_checks(model_dir: Path, base_dir: Path, adapter: Path | None, dtype: A
     samples = [{"prompt": example.messages[-1]["content"][:200],
                 "output": tokenizer.decode(tokens, skip_special_tokens=False), "tokens": len(tokens),
                 "stopped_at": next((i for i, t in enumerate(tokens) if t in stop_ids), None)}
-               for example, tokens in zip(run.prompts, generated, strict=True)]
-    checks = [_probe(samples, generated, reference, tokenizer),
-              _stops(samples, stop_ids, seconds, run)]
+               for example, tokens in zip(examples, generated, strict=True)]
+    if samples:
+        checks = [_probe(samples, generated, reference, tokenizer), _stops(samples, stop_ids, seconds, run)]
+    else:
+        why = (f"each of the {len(encoded)} probe prompt(s) is longer than {limit} tokens (CUTOFF_LEN, or the "
+               "model's positions)" if encoded else "no probe prompt")
+        checks = [Check("probe", "skipped", why), Check("stops", "skipped", why)]
     if run.max_eval_loss:
         checks.append(_eval_loss(merged_loss, base_loss, len(usable), len(scored), run))
     return checks
@@ -128,6 +138,14 @@ def _labelled(tokenizer: Any, example: Example, cutoff_len: int) -> tuple[list[i
     return (ids, labels) if any(label != IGNORE for label in labels[1:]) else None
 
 
+def _max_positions(model_dir: Path) -> int:
+    from entrypoint.files import read_json
+
+    config = read_json(model_dir / "config.json") or {}
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(value) if isinstance(value, int) and value > 0 else 1 << 30
+
+
 def _stop_ids(model_dir: Path, tokenizer: Any) -> set[int]:
     """The token ids generation stops at: generation_config.json's eos_token_id, else the tokenizer's EOS."""
     from entrypoint.files import read_json
@@ -140,8 +158,8 @@ def _stop_ids(model_dir: Path, tokenizer: Any) -> set[int]:
 
 # ---- running the models ----------------------------------------------------------------------------------
 
-def _generate(model: Any, prompts: Sequence[list[int]], stop_ids: set[int], tokenizer: Any,
-              run: ModelRun) -> tuple[list[list[int]], float]:
+def _generate(model: Any, prompts: Sequence[list[int]], stop_ids: set[int], tokenizer: Any, run: ModelRun,
+              positions: int) -> tuple[list[list[int]], float]:
     """Greedy tokens for each prompt within the shared time budget (every prompt gets at least one step, so
     the probe always has something to compare); the seconds spent."""
     import torch
@@ -152,7 +170,8 @@ def _generate(model: Any, prompts: Sequence[list[int]], stop_ids: set[int], toke
     outputs = []
     for ids in prompts:
         left = max(run.probe_seconds - (time.monotonic() - started), 0.001)
-        config = GenerationConfig(do_sample=False, max_new_tokens=run.probe_tokens, max_time=left,
+        config = GenerationConfig(do_sample=False, max_new_tokens=min(run.probe_tokens, positions - len(ids)),
+                                  max_time=left,
                                   eos_token_id=sorted(stop_ids), pad_token_id=pad)
         prompt = torch.tensor([ids])
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
@@ -229,15 +248,16 @@ def _stops(samples: list[dict[str, Any]], stop_ids: set[int], seconds: float, ru
     failed = [n for n, s in enumerate(samples, start=1) if s["stopped_at"] is None and s["tokens"] >= run.probe_tokens]
     cut = [n for n, s in enumerate(samples, start=1) if s["stopped_at"] is None and s["tokens"] < run.probe_tokens]
     for number in cut:
-        samples[number - 1]["stop"] = "not verified: PUBLISH_GATE_PROBE_SECONDS ran out"
+        samples[number - 1]["stop"] = "not verified: PUBLISH_GATE_PROBE_SECONDS or the model's positions ran out"
     data["not_verified"] = cut
     if failed:
         return Check("stops", "fail", f"prompt(s) {', '.join(map(str, failed))}: no stop token "
                           f"{sorted(stop_ids)} within PUBLISH_GATE_PROBE_TOKENS={run.probe_tokens} new tokens", data)
     if cut:
         return Check("stops", "skipped", f"not verified for prompt(s) {', '.join(map(str, cut))}: "
-                          f"PUBLISH_GATE_PROBE_SECONDS={run.probe_seconds:g} ran out before a stop token or "
-                          f"{run.probe_tokens} tokens (raise it, or lower PUBLISH_GATE_PROBE_TOKENS)", data)
+                          f"PUBLISH_GATE_PROBE_SECONDS={run.probe_seconds:g} (or the model's positions) ran out "
+                          f"before a stop token or {run.probe_tokens} tokens (raise it, or lower "
+                          "PUBLISH_GATE_PROBE_TOKENS)", data)
     longest = max((s["stopped_at"] + 1 for s in samples), default=0)
     return Check("stops", "pass", f"{len(samples)} prompt(s) stop within {longest} of "
                       f"{run.probe_tokens} new tokens", data)

@@ -269,13 +269,13 @@ def test_eval_dataset_errors_are_configuration_errors(published: Storage):
 def test_the_stop_check_within_its_token_and_time_bounds(tiny_model: Path):
     """The untrained base does not stop within 8 tokens: under PUBLISH_GATE_PROBE_TOKENS=8 that fails; when the
     time budget runs out first (here after the one step every prompt gets), the stop is reported not verified
-    (skipped), never passed."""
+    (skipped), never passed; a prompt longer than CUTOFF_LEN is not probed at all."""
     from entrypoint.gate_probe import Example, ModelRun, model_checks
 
     prompts = (Example([{"role": "user", "content": "What is the capital of France?"}]),)
 
-    def stops(tokens: int, seconds: float):
-        run = ModelRun(prompts, (), "", tokens, seconds, 512)
+    def stops(tokens: int, seconds: float, cutoff_len: int = 512):
+        run = ModelRun(prompts, (), "", tokens, seconds, cutoff_len)
         checks = {c.name: c for c in model_checks(tiny_model, tiny_model, None, "float32", run)}
         assert checks["probe"].status == "skipped", "a full model: nothing to compare with"
         return checks["stops"]
@@ -284,8 +284,12 @@ def test_the_stop_check_within_its_token_and_time_bounds(tiny_model: Path):
     assert bounded.status == "fail" and "no stop token" in bounded.detail and "PUBLISH_GATE_PROBE_TOKENS=8" in \
         bounded.detail
     cut = stops(100000, 0.001)
-    assert cut.status == "skipped" and "PUBLISH_GATE_PROBE_SECONDS=0.001 ran out" in cut.detail
+    assert cut.status == "skipped"
+    assert "PUBLISH_GATE_PROBE_SECONDS=0.001 (or the model's positions) ran out" in cut.detail
     assert cut.data["not_verified"] == [1] and 0 < cut.data["seconds"] < 30
+    too_long = stops(8, 300, cutoff_len=4)  # a prompt longer than training ever saw is not probed
+    assert too_long.status == "skipped"
+    assert "is longer than 4 tokens (CUTOFF_LEN, or the model's positions)" in too_long.detail
 
 
 def run_entrypoint_verify(storage: Storage, directory: Path, **env: str) -> subprocess.CompletedProcess:
