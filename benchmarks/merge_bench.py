@@ -243,12 +243,15 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
                     {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO",
                      "EVAL_DATASET": "train_data", "PUBLISH_GATE_MAX_EVAL_LOSS": "base"})
     report = json.loads((published.resolve() / "gate.json").read_text())
+    base = workdir / "base"
+    floor = measure("cp -r + sync (I/O floor)", ["sh", "-c", f"cp -r '{base}' '{workdir / 'out-cp'}' && sync"],
+                    workdir / "out-cp")
     print()
-    print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone |")
-    print("|---|---:|---:|---:|---:|")
-    for row in (alone, streamed, gated):
+    print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone | wall / floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in (alone, streamed, gated, floor):
         print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['rss_mb'] / alone['rss_mb']:.2f} "
-              f"| {row['wall_s'] / alone['wall_s']:.2f} |")
+              f"| {row['wall_s'] / alone['wall_s']:.2f} | {row['wall_s'] / floor['wall_s']:.1f} |")
     print()
     print(f"gate alone: {report['seconds']:.1f} s; checks: "
           + ", ".join(f"{c['name']} {c['status']}" for c in report["checks"]))
