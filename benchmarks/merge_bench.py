@@ -118,6 +118,9 @@ def measure(name: str, command: list[str], out: Path, extra_env: dict[str, str] 
         shutil.rmtree(stale, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1",
            **(extra_env or {})}
+    # Each method starts with nothing dirty in the page cache: a `sync` inside one (the floor's) must not
+    # flush what the method before it wrote.
+    os.sync()
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert child.stderr is not None
