@@ -353,20 +353,14 @@ def resolve(dataset_path: Path, names: tuple[str, ...], forced_format: str, gene
     return ResolvedDatasets(generated_dir, names, entries, files, generated=True)
 
 
-def resolve_eval(settings: Any) -> ResolvedDatasets | None:
-    """EVAL_DATASET's datasets, found like DATASET's (None when it is empty); nothing is written."""
+def checked_eval(settings: Any) -> ResolvedDatasets | None:
+    """EVAL_DATASET found like DATASET and every record validated, before training spends anything on a merge
+    that would refuse it; None when it is empty. Nothing is written."""
     if not settings.eval_dataset:
         return None
-    return resolve(Path(settings.dataset_path), settings.eval_dataset, settings.dataset_format,
-                   generated_dir=Path(settings.lora_output_path) / "eval_dataset_info", variable="EVAL_DATASET")
-
-
-def checked_eval(settings: Any) -> ResolvedDatasets | None:
-    """EVAL_DATASET found and every record validated, before training spends anything on a merge that would
-    refuse it; None when it is empty."""
-    evaluation = resolve_eval(settings)
-    if evaluation is not None:
-        validate(evaluation, Path(settings.dataset_path))
+    evaluation = resolve(Path(settings.dataset_path), settings.eval_dataset, settings.dataset_format,
+                         generated_dir=Path(settings.lora_output_path) / "eval_dataset_info", variable="EVAL_DATASET")
+    validate(evaluation, Path(settings.dataset_path))
     return evaluation
 
 

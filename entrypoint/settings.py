@@ -195,7 +195,9 @@ class Settings:
         "PRECISION", "auto",
         "Compute precision; auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.",
         "training", lf_key="precision", result=True)
-    seed: int = option("SEED", "42", "Random seed.", "training", minimum=0, lf_key="seed", result=True)
+    seed: int = option(
+        "SEED", "42", "Start value of the random number generators (data shuffling, the validation split, LoRA "
+        "initialisation).", "training", minimum=0, lf_key="seed", result=True)
     neftune_noise_alpha: float = option(
         "NEFTUNE_NOISE_ALPHA", "0", "NEFTune: noise added to the input embeddings while training, scaled by this "
         "alpha (5 is the paper's common choice; 0: off).", "training", minimum=0, maximum=100,
@@ -587,17 +589,17 @@ def check_topology(settings: Settings) -> None:
 
 def _check_eval_loss(values: dict[str, Any]) -> str | None:
     raw = values["publish_gate_max_eval_loss"].strip()
-    values["publish_gate_max_eval_loss"] = raw.lower() if raw.lower() == "base" else raw
-    if not raw or raw.lower() == "base":
-        pass
-    else:
+    if raw.lower() == "base":
+        raw = "base"
+    elif raw:
         try:
             bound = float(raw)
         except ValueError:
-            bound = -1.0
+            bound = math.nan
         if not (math.isfinite(bound) and bound > 0):
             return (f"PUBLISH_GATE_MAX_EVAL_LOSS={raw!r} is not valid: expected a number > 0, base (not worse than "
                     "the base model), or empty (no bar)")
+    values["publish_gate_max_eval_loss"] = raw
     if raw and not values["eval_dataset"]:
         return (f"PUBLISH_GATE_MAX_EVAL_LOSS={raw!r} needs EVAL_DATASET: the held-out datasets the loss is measured "
                 "on (named as in DATASET)")

@@ -5,11 +5,12 @@ resume, every node and every later run whose tokenization would come out the sam
   which then loads it instead of reading and tokenizing the records.
 - Key: a digest of everything tokenization reads: the datasets (their dataset_info entries and their files'
   content), the tokenizer (every file of the base model but its weights), the LLaMA-Factory data and model
-  arguments (template, cutoff_len, max_samples, packing, train_on_prompt, ...), the stage and `seed` (the
-  validation split and dataset mixing use it), and the versions of the libraries that tokenize. Training
-  arguments (learning rate, epochs, LoRA rank, ...) are not in it: changing them reuses the cache. Anything
-  unknown counts: an argument of LLaMA-Factory's data or model classes is in the key unless listed below
-  as not touching the tokens, so a new one costs a re-tokenization, never a stale cache.
+  arguments (template, cutoff_len, max_samples, packing, train_on_prompt, ...), the stage and the random
+  generators' start value, `SEED` (the validation split and dataset mixing use it), and the versions of the
+  libraries that tokenize. Training arguments (learning rate, epochs, LoRA rank, ...) are not in it: changing
+  them reuses the cache. Anything unknown counts: an argument of LLaMA-Factory's data or model classes is in
+  the key unless listed below as not touching the tokens, so a new one costs a re-tokenization, never a stale
+  cache.
 - Publish: node 0's launcher, holding the output lock, tokenizes into `<output>/.job/tokenizing` (its own,
   emptied first: what a killed attempt left there is never used), records every file with its size, and
   renames the directory to its key, which is atomic on NFS as on a local disk. A rename onto a key another
@@ -51,7 +52,7 @@ NOT_IN_KEY = {
     "overwrite_cache", "data_shared_file_system", "model_name_or_path", "cache_dir", "hf_hub_token",
     "ms_hub_token", "om_hub_token",
 }
-# Training arguments that do: the validation split and the mixing of datasets draw from `seed`.
+# Training arguments that do: the validation split and the mixing of datasets draw random numbers from SEED.
 TRAINING_KEYS_IN_KEY = ("stage", "seed", "do_train", "do_eval", "do_predict", "predict_with_generate")
 LIBRARIES = ("llamafactory", "transformers", "tokenizers", "datasets")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
