@@ -1,6 +1,6 @@
 """Benchmark the merge Job's command against PEFT and `llamafactory-cli export` on a local model.
 
-    python benchmarks/merge_bench.py [--params 400M] [--workdir DIR] [--shards 5] [--rank 16] [--gate]
+    python benchmarks/merge_bench.py [--params 400M] [--workdir DIR] [--shards 5] [--rank 16] [--repeat 3] [--gate]
 
 Builds (once per workdir) a random bf16 Llama of about --params parameters in --shards safetensors
 shards, a small tokenizer and a rank-16 LoRA adapter on all linear layers with random B, then runs
@@ -8,6 +8,9 @@ each method in its own process and prints peak RSS, wall time, output size and d
 - `python -m entrypoint merge` as the merge Job runs it (inputs, lock, merge, checks, atomic publish),
 - the streaming merge function alone, PEFT's merge_and_unload + save_pretrained, llamafactory-cli export,
 - `cp -r` + `sync`, the I/O floor.
+Every method runs --repeat times, round by round, and the table shows the median wall time (and the range);
+before each run the inputs are read once, so every method finds them in the page cache and none is timed
+against a disk the method before it filled.
 With --gate, only the Job's command, without and with the publish gate (PUBLISH_GATE=off; warn with the
 model-running checks skipped, PUBLISH_GATE_PROBE_MAX_GIB=0; then warn with
 the demo data as EVAL_DATASET and PUBLISH_GATE_MAX_EVAL_LOSS=base: the random model never stops, so the stop
@@ -111,7 +114,20 @@ def run_peft(base: Path, adapter: Path, out: Path) -> None:
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
 
 
-def measure(name: str, command: list[str], out: Path, extra_env: dict[str, str] | None = None) -> dict[str, object]:
+def warm(*directories: Path) -> None:
+    """Read every input file once, so that each method finds them in the page cache: the methods before it
+    (PEFT's and LLaMA-Factory's outputs, 9 GB at 1.5B) must not decide which one reads from the disk."""
+    buffer = bytearray(8 << 20)
+    for directory in directories:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                with open(path, "rb", buffering=0) as fh:
+                    while fh.readinto(buffer):
+                        pass
+
+
+def measure(name: str, command: list[str], out: Path, extra_env: dict[str, str] | None = None,
+            inputs: tuple[Path, ...] = ()) -> dict[str, object]:
     for stale in (out, out.with_name(out.name + ".versions")):
         if stale.is_symlink():
             stale.unlink()
@@ -120,6 +136,7 @@ def measure(name: str, command: list[str], out: Path, extra_env: dict[str, str] 
            **(extra_env or {})}
     # Each method starts with nothing dirty in the page cache: a `sync` inside one (the floor's) must not
     # flush what the method before it wrote.
+    warm(*inputs)
     os.sync()
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -133,6 +150,15 @@ def measure(name: str, command: list[str], out: Path, extra_env: dict[str, str] 
     size, dtype = weights_of(out)
     return {"method": name, "rss_mb": usage.ru_maxrss / 1024, "wall_s": wall, "size_mb": size / 1e6,
             "dtype": dtype}
+
+
+def median_row(measured: list[dict[str, object]]) -> dict[str, object]:
+    """The run with the median wall time, its peak RSS the highest of all runs, and the range of walls."""
+    ordered = sorted(measured, key=lambda row: float(row["wall_s"]))  # type: ignore[arg-type]
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["rss_mb"] = max(float(run["rss_mb"]) for run in measured)  # type: ignore[arg-type]
+    row["walls"] = f"{float(ordered[0]['wall_s']):.1f}-{float(ordered[-1]['wall_s']):.1f}"  # type: ignore[arg-type]
+    return row
 
 
 def weights_of(directory: Path) -> tuple[int, str]:
@@ -152,6 +178,7 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--gate", action="store_true", help="measure the publish gate: merge without and with it")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every method; the table shows medians")
     parser.add_argument("--child", nargs=4, metavar=("ROLE", "A", "B", "C"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -202,20 +229,25 @@ def main() -> int:
         ("cp -r + sync (I/O floor)", ["sh", "-c", f"cp -r '{base}' '{workdir / 'out-cp'}' && sync"],
          workdir / "out-cp", None),
     ]
-    results = []
-    for name, command, out, extra_env in runs:
-        print(f"running {name} ...", flush=True)
-        results.append(measure(name, command, out, extra_env))
+    rounds: list[list[dict[str, object]]] = [[] for _ in runs]
+    for turn in range(1, args.repeat + 1):
+        # Round by round, so that a slow spell of the machine lands on every method, not on one.
+        for (name, command, out, extra_env), measured in zip(runs, rounds, strict=True):
+            print(f"round {turn}/{args.repeat}: {name} ...", flush=True)
+            measured.append(measure(name, command, out, extra_env, inputs=(base, adapter)))
+    results = [median_row(measured) for measured in rounds]
 
     job_row, peft_row, floor_row = results[0], results[2], results[-1]
     print()
-    print("| method | peak RSS (MiB) | wall (s) | output size (MB) | output dtype | RSS/PEFT | wall/PEFT "
-          "| wall/floor |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    print(f"Median of {args.repeat} run(s) each; peak RSS is the highest of them.")
+    print("| method | peak RSS (MiB) | wall (s) | wall range (s) | output size (MB) | output dtype | RSS/PEFT "
+          "| wall/PEFT | wall/floor |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for row in results:
         rss_ratio, wall_ratio = row["rss_mb"] / peft_row["rss_mb"], row["wall_s"] / peft_row["wall_s"]
-        print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['size_mb']:.0f} | "
-              f"{row['dtype']} | {rss_ratio:.2f} | {wall_ratio:.2f} | {row['wall_s'] / floor_row['wall_s']:.1f} |")
+        print(f"| {row['method']} | {row['rss_mb']:.0f} | {row['wall_s']:.1f} | {row['walls']} "
+              f"| {row['size_mb']:.0f} | {row['dtype']} | {rss_ratio:.2f} | {wall_ratio:.2f} "
+              f"| {row['wall_s'] / floor_row['wall_s']:.1f} |")
     checks = {
         f"the Job's peak RSS <= {RSS_TARGET}x PEFT's": job_row["rss_mb"] <= RSS_TARGET * peft_row["rss_mb"],
         f"the Job's wall <= {WALL_TARGET}x PEFT's": job_row["wall_s"] <= WALL_TARGET * peft_row["wall_s"],
@@ -239,16 +271,17 @@ def gate_bench(workdir: Path, job_env: dict[str, str], published: Path) -> int:
                         f"write_demo_data; write_demo_data(Path({str(data)!r}))"], cwd=REPO, check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     command = [sys.executable, "-m", "entrypoint", "merge"]
-    alone = measure("merge (PUBLISH_GATE=off)", command, published, job_env)
+    base = workdir / "base"
+    inputs = (base, workdir / "adapter")
+    alone = measure("merge (PUBLISH_GATE=off)", command, published, job_env, inputs)
     streamed = measure("merge + streamed checks (PUBLISH_GATE_PROBE_MAX_GIB=0)", command, published,
-                       {**job_env, "PUBLISH_GATE": "warn", "PUBLISH_GATE_PROBE_MAX_GIB": "0"})
+                       {**job_env, "PUBLISH_GATE": "warn", "PUBLISH_GATE_PROBE_MAX_GIB": "0"}, inputs)
     gated = measure("merge + gate (PUBLISH_GATE=warn)", command, published,
                     {**job_env, "PUBLISH_GATE": "warn", "DATASET_PATH": str(data), "LOG_LEVEL": "INFO",
-                     "EVAL_DATASET": "train_data", "PUBLISH_GATE_MAX_EVAL_LOSS": "base"})
+                     "EVAL_DATASET": "train_data", "PUBLISH_GATE_MAX_EVAL_LOSS": "base"}, inputs)
     report = json.loads((published.resolve() / "gate.json").read_text())
-    base = workdir / "base"
     floor = measure("cp -r + sync (I/O floor)", ["sh", "-c", f"cp -r '{base}' '{workdir / 'out-cp'}' && sync"],
-                    workdir / "out-cp")
+                    workdir / "out-cp", None, inputs)
     print()
     print("| method | peak RSS (MiB) | wall (s) | RSS / merge alone | wall / merge alone | wall / floor |")
     print("|---|---:|---:|---:|---:|---:|")

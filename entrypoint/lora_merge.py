@@ -623,23 +623,27 @@ def _merged(
         if transpose:
             delta = delta.T
         delta *= scale
-        _add_into(weight, delta)
+        _add_into(weight, delta, scratch)
     if update.bias_delta is not None:
         key, scale = update.bias_delta
         weight += adapter.read(key) * scale
     return weight
 
 
-def _add_into(weight: torch.Tensor, delta: torch.Tensor) -> None:
+def _add_into(weight: torch.Tensor, delta: torch.Tensor, scratch: _Scratch | None = None) -> None:
     """peft's merge, `weight.data += delta`: the sum in the promoted dtype (float32 for a bf16/fp16 weight),
     rounded once to the weight's dtype. `delta` is scratch: it may hold the sum afterwards."""
     mixed = weight.dtype != delta.dtype and torch.promote_types(weight.dtype, delta.dtype) == delta.dtype
     if mixed and delta.is_contiguous():
-        # The same sum, operands in the same order, written into the float32 delta and rounded once by the
-        # copy back: torch's mixed-dtype in-place add converts element by element and costs several times
-        # the vectorised pair (it was most of a bf16 merge's time). A transposed delta (embeddings,
+        # The same sum, operands in the same order, rounded once by the copy back: the weight is widened
+        # exactly into float32 first, so every pass is a vectorised same-dtype one. torch's mixed-dtype add
+        # converts element by element: in place it was most of a bf16 merge's time, and even into the
+        # float32 delta it costs three times the widen + add pair. A transposed delta (embeddings,
         # fan_in_fan_out) keeps torch's own add: its strided rounding writes NaN differently.
-        torch.add(weight, delta, out=delta)
+        shape = tuple(delta.shape)
+        widened = scratch.tensor("widened", shape, delta.dtype) if scratch else torch.empty(shape, dtype=delta.dtype)
+        widened.copy_(weight)
+        torch.add(widened, delta, out=delta)
         weight.copy_(delta)
     else:
         weight += delta
