@@ -43,6 +43,13 @@ REPORT = "gate.json"  # in each published version: what the gate checked and fou
 PROBE_PROMPTS = 3
 MODEL_CHECKS = ("probe", "stops")  # and eval_loss when PUBLISH_GATE_MAX_EVAL_LOSS is set
 GIB = 1024**3
+# What the model-running checks hold beside the weights, the adapter and the logits: transformers, PEFT, the
+# tokenizer, the KV cache of a probe. Measured ~420 MiB on the benchmark model with torch already imported.
+RUNTIME_BYTES = 512 * 1024**2
+TORCH_BYTES = 256 * 1024**2  # torch itself, before the merge imports it (the merge Job without the gate: ~270 MiB)
+# Bytes per logit of the loss bar's longest record: bf16 logits, their float32 copy, the labelled rows and
+# the log-softmax of the cross-entropy.
+LOGIT_BYTES = 14
 
 
 @dataclasses.dataclass
@@ -91,6 +98,7 @@ class GateInputs:
     max_eval_loss: str  # PUBLISH_GATE_MAX_EVAL_LOSS: whether there is an eval_loss check
     read_run: Callable[[], ModelRun]  # prompts, evaluation records, bounds: read only when the model runs
     probe_max_bytes: float
+    cutoff_len: int  # the longest sequence a loss is computed on: its logits are the largest activations
 
 
 def run_gate(model_dir: Path, inputs: GateInputs, mode: str) -> GateReport:
@@ -286,6 +294,9 @@ def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[C
     if size > inputs.probe_max_bytes:
         return [Check(name, "skipped", f"the model's weights ({size / GIB:.2f} GiB) exceed "
                       f"PUBLISH_GATE_PROBE_MAX_GIB={inputs.probe_max_bytes / GIB:g}: not loaded") for name in names]
+    short = memory_shortage(size, merged, inputs)
+    if short:
+        return [Check(name, "skipped", f"{short}: not loaded") for name in names]
     run = inputs.read_run()  # LLaMA-Factory's converters: imported only when the model runs
     if not run.prompts and not run.eval_records:
         return [Check(name, "skipped", "no probe prompt could be read from the data") for name in names]
@@ -293,6 +304,56 @@ def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[C
 
     dtype = merged.config.get("torch_dtype") or "auto"
     return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, run)
+
+
+def model_run_bytes(weights: int, model: BaseModel, adapter: Path | None, cutoff_len: int,
+                    libraries: int = RUNTIME_BYTES) -> int:
+    """About what the model-running checks add to the process: one copy of the weights (the merged model is
+    freed before base + adapter is loaded), the adapter in float32, the logits of one CUTOFF_LEN-token
+    record, and the libraries."""
+    adapter_bytes = 0
+    if adapter is not None:
+        adapter_bytes = sum(path.stat().st_size for path in adapter.glob("adapter_model*.safetensors"))
+    vocab = int(model.config.get("vocab_size") or 0)
+    return weights + 2 * adapter_bytes + LOGIT_BYTES * cutoff_len * vocab + libraries
+
+
+def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES) -> str | None:
+    """Why loading the model would get this container killed (exit 137, and a retry that merges again),
+    or None when it fits or the memory left cannot be read."""
+    from entrypoint.headroom import gib, headroom
+
+    left = headroom()
+    need = model_run_bytes(weights, model, inputs.adapter, inputs.cutoff_len, libraries)
+    if left is None or need <= left.available:
+        return None
+    return (f"the model-running checks need about {gib(need)} (the {gib(weights)} of weights, the adapter, the "
+            f"logits of a CUTOFF_LEN={inputs.cutoff_len} record and ~{gib(libraries)} of libraries) and "
+            f"this container has {left.describe()}; raise the merge Job's memory limit by "
+            f"{gib(need - left.available)} or more, or set PUBLISH_GATE_PROBE_MAX_GIB below "
+            f"{weights / GIB:.3g} to skip them")
+
+
+def check_memory_before_merging(settings: Any, prepared: Any, adapter: Path | None) -> None:
+    """Before the first byte of a merge is written: under PUBLISH_GATE=strict, a model the probe would load
+    (not above PUBLISH_GATE_PROBE_MAX_GIB) that cannot fit this container's memory is a configuration error
+    (exit 78), not hours of merging and then a kill; under warn the checks will be skipped, said now."""
+    if settings.publish_gate == "off":
+        return
+    base = prepared.base
+    weights = sum(shard.data_bytes for shard in base.shards)
+    if prepared.plan.untie is not None:
+        weights += base.tensors[prepared.plan.untie.source][1].nbytes
+    if weights > settings.publish_gate_probe_max_gib * GIB:
+        return
+    inputs = gate_inputs(settings, base, adapter, (), None)
+    # torch is not imported yet: the merge imports it before the gate runs.
+    short = memory_shortage(weights, base, inputs, RUNTIME_BYTES + TORCH_BYTES)
+    if short is None:
+        return
+    if settings.publish_gate == "strict":
+        raise ConfigError(f"PUBLISH_GATE=strict: {short}. Nothing was merged")
+    log.warning("publish gate: %s; the model-running checks will be skipped (PUBLISH_GATE=warn)", short)
 
 
 # ---- inputs: from the merge, or from a version's manifest -------------------------------------------------
@@ -333,7 +394,8 @@ def read_examples(settings: Any, data: Any, limit: int) -> tuple[Example, ...]:
 def gate_inputs(settings: Any, base: BaseModel, adapter: Path | None, targets: Iterable[str],
                 template: Mapping[str, Any] | None) -> GateInputs:
     return GateInputs(base, adapter, tuple(targets), dict(template or {}), settings.publish_gate_max_eval_loss,
-                      functools.partial(model_run, settings), settings.publish_gate_probe_max_gib * GIB)
+                      functools.partial(model_run, settings), settings.publish_gate_probe_max_gib * GIB,
+                      settings.cutoff_len)
 
 
 def model_run(settings: Any) -> ModelRun:

@@ -630,21 +630,31 @@ def _merged(
     return weight
 
 
+# Elements widened at a time: 1 MiB of float32 stays in the core's cache between the three passes (1.4 ms
+# per 2.9M-element tensor, against 1.9 ms widening it whole), and the buffer stays 1 MiB whatever the tensor.
+ADD_CHUNK = 1 << 18
+
+
 def _add_into(weight: torch.Tensor, delta: torch.Tensor, scratch: _Scratch | None = None) -> None:
     """peft's merge, `weight.data += delta`: the sum in the promoted dtype (float32 for a bf16/fp16 weight),
     rounded once to the weight's dtype. `delta` is scratch: it may hold the sum afterwards."""
     mixed = weight.dtype != delta.dtype and torch.promote_types(weight.dtype, delta.dtype) == delta.dtype
-    if mixed and delta.is_contiguous():
-        # The same sum, operands in the same order, rounded once by the copy back: the weight is widened
-        # exactly into float32 first, so every pass is a vectorised same-dtype one. torch's mixed-dtype add
-        # converts element by element: in place it was most of a bf16 merge's time, and even into the
-        # float32 delta it costs three times the widen + add pair. A transposed delta (embeddings,
+    if mixed and delta.is_contiguous() and weight.is_contiguous():
+        # The same sum, operands in the same order, rounded once by the copy back: each chunk of the weight is
+        # widened exactly into float32 first, so every pass is a vectorised same-dtype one. torch's
+        # mixed-dtype add converts element by element: in place it was most of a bf16 merge's time, and even
+        # into the float32 delta it costs twice these passes. A transposed delta (embeddings,
         # fan_in_fan_out) keeps torch's own add: its strided rounding writes NaN differently.
-        shape = tuple(delta.shape)
-        widened = scratch.tensor("widened", shape, delta.dtype) if scratch else torch.empty(shape, dtype=delta.dtype)
-        widened.copy_(weight)
-        torch.add(widened, delta, out=delta)
-        weight.copy_(delta)
+        flat_weight, flat_delta = weight.view(-1), delta.view(-1)
+        count = flat_weight.numel()
+        size = min(ADD_CHUNK, count)
+        widened = scratch.tensor("widened", (size,), delta.dtype) if scratch else torch.empty(size, dtype=delta.dtype)
+        for start in range(0, count, ADD_CHUNK):
+            part, update = flat_weight[start:start + ADD_CHUNK], flat_delta[start:start + ADD_CHUNK]
+            buffer = widened[:part.numel()]
+            buffer.copy_(part)
+            torch.add(buffer, update, out=update)
+            part.copy_(update)
     else:
         weight += delta
 

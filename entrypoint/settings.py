@@ -344,8 +344,9 @@ class Settings:
         minimum=1, maximum=100000)
     publish_gate_probe_max_gib: float = option(
         "PUBLISH_GATE_PROBE_MAX_GIB", "6", "Largest model (weights, GiB) the generation probe loads; it holds one "
-        "copy at a time, so the merge Job's memory limit must exceed this. Larger models skip the probe (the "
-        "streamed checks still run).", "merge", minimum=0)
+        "copy at a time. Larger models skip the probe (the streamed checks still run). Before merging, a model "
+        "the probe would load that cannot fit the Job's memory limit is refused under PUBLISH_GATE=strict "
+        "(exit 78), and skips the probe under warn.", "merge", minimum=0)
     # WebUI (LLaMA Board).
     webui_port: int = option(
         "WEBUI_PORT", "7860", "Port LLaMA Board listens on inside the pod.", "webui", minimum=1024, maximum=65535)

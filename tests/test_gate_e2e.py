@@ -292,6 +292,71 @@ def test_the_stop_check_within_its_token_and_time_bounds(tiny_model: Path):
     assert "is longer than 4 tokens (CUTOFF_LEN, or the model's positions)" in too_long.detail
 
 
+MIB = 1024**2
+
+
+def in_a_container_of(tmp_path: Path, monkeypatch, limit: int, used: int) -> None:
+    """This process as the kernel of a container with a memory limit would show it (cgroup v2): the merge runs
+    in this process, so the figures it reads are these."""
+    from entrypoint import headroom
+
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "memory.max").write_text(f"{limit}\n")
+    (root / "memory.current").write_text(f"{used}\n")
+    (root / "memory.stat").write_text(f"anon {used}\nactive_file 0\ninactive_file 0\n")
+    (tmp_path / "self-cgroup").write_text("0::/\n")
+    monkeypatch.setattr(headroom, "CGROUP", root)
+    monkeypatch.setattr(headroom, "SELF_CGROUP", tmp_path / "self-cgroup")
+
+
+def test_a_probe_that_cannot_fit_the_containers_memory_is_refused_before_merging(
+    published: Storage, tmp_path: Path, monkeypatch
+):
+    """A model small enough for PUBLISH_GATE_PROBE_MAX_GIB in a Job whose memory limit cannot hold it: the probe
+    would get the Job killed after the whole merge, and its retry would merge again. Under strict that is a
+    configuration error before the first byte; the figures and both ways out are named."""
+    from entrypoint import merge
+    from entrypoint.errors import ConfigError
+    from entrypoint.settings import load_settings
+
+    _rewrite_adapter(published, lambda tensors: [t.mul_(1.01) for n, t in tensors.items() if "lora_B" in n])
+    in_a_container_of(tmp_path, monkeypatch, limit=700 * MIB, used=400 * MIB)
+    before = served(published)
+    with pytest.raises(ConfigError) as refused:
+        merge.run(load_settings(published.env(**STRICT)))
+    message = str(refused.value)
+    assert message.startswith("PUBLISH_GATE=strict: the model-running checks need about ") and \
+        message.endswith("Nothing was merged"), message
+    assert "this container has 0.29 GiB left under the container's memory limit of 0.68 GiB (cgroup v2 memory.max" \
+        in message and "raise the merge Job's memory limit by" in message
+    from entrypoint.safetensors_stream import read_header
+
+    weights = sum(read_header(p, "base").data_bytes for p in published.base.glob("*.safetensors"))
+    assert f"or set PUBLISH_GATE_PROBE_MAX_GIB below {weights / 1024**3:.3g} to skip them" in message
+    versions = published.root / "models" / "merged-model.versions"
+    assert [p.name for p in versions.iterdir() if p.is_dir()] == [Path(before).name], "no work directory was made"
+    assert served(published) == before
+
+
+def test_under_warn_the_model_checks_that_cannot_fit_are_skipped_and_say_why(
+    published: Storage, tmp_path: Path, monkeypatch
+):
+    from entrypoint import merge
+    from entrypoint.settings import load_settings
+
+    _rewrite_adapter(published, lambda tensors: [t.mul_(1.01) for n, t in tensors.items() if "lora_B" in n])
+    in_a_container_of(tmp_path, monkeypatch, limit=700 * MIB, used=400 * MIB)
+    assert merge.run(load_settings(published.env(PUBLISH_GATE="warn"))) == 0
+    version = (published.root / "models" / "merged-model").resolve()
+    assert version.name.startswith("v0002-")
+    checks = {c["name"]: c for c in json.loads((version / "gate.json").read_text())["checks"]}
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "skipped", "stops": "skipped"}
+    assert "memory limit of 0.68 GiB" in checks["probe"]["detail"] and \
+        checks["probe"]["detail"].endswith(": not loaded")
+
+
 def run_entrypoint_verify(storage: Storage, directory: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "entrypoint", "verify", str(directory)],
                           env=storage.env(**STRICT, **env), cwd=REPO, capture_output=True, text=True, timeout=600)

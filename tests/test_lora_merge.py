@@ -32,7 +32,7 @@ from merge_helpers import (
 from safetensors.torch import load_file, save_file
 
 from entrypoint.errors import ConfigError, ExitCode
-from entrypoint.lora_merge import MergeProgress, _add_into, merge_adapter
+from entrypoint.lora_merge import ADD_CHUNK, MergeProgress, _add_into, _Scratch, merge_adapter
 from entrypoint.vllm_lora import check_vllm_lora, vllm_lora_instructions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +134,23 @@ def test_update_rounds_like_peft_for_every_weight_value(dtype: torch.dtype) -> N
         ours = grid.clone()
         _add_into(ours, update.view(256, 256).clone().T)
         assert torch.equal(ours.view(torch.int16), reference.view(torch.int16)), number
+
+
+def test_a_tensor_of_several_chunks_rounds_like_peft() -> None:
+    """The widened sum goes chunk by chunk (ADD_CHUNK elements): a tensor that ends mid-chunk, through the
+    merge's reused scratch buffer as in a merge, gives PEFT's bits."""
+    torch.manual_seed(1)
+    shape = (1031, 769)
+    assert 3 * ADD_CHUNK < shape[0] * shape[1] < 4 * ADD_CHUNK
+    scratch = _Scratch()
+    for dtype in (torch.bfloat16, torch.float16):
+        weights = torch.randn(shape).to(dtype)
+        update = torch.randn(shape) * 1e-2
+        reference = weights.clone()
+        reference += update
+        ours = weights.clone()
+        _add_into(ours, update.clone(), scratch)
+        assert torch.equal(ours.view(torch.int16), reference.view(torch.int16)), dtype
 
 
 # Tied embeddings (Qwen2.5 0.5-3B, Llama 3.2): the base stores no lm_head. An adapter that changes the input
