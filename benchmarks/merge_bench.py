@@ -231,10 +231,13 @@ def main() -> int:
     ]
     rounds: list[list[dict[str, object]]] = [[] for _ in runs]
     for turn in range(1, args.repeat + 1):
-        # Round by round, so that a slow spell of the machine lands on every method, not on one.
-        for (name, command, out, extra_env), measured in zip(runs, rounds, strict=True):
+        # Round by round, so that a slow spell of the machine lands on every method, not on one; each round
+        # starts one method later, so that no method always follows the same one (and the disk it left busy).
+        order = [*range(len(runs))][turn - 1:] + [*range(len(runs))][:turn - 1]
+        for index in order:
+            name, command, out, extra_env = runs[index % len(runs)]
             print(f"round {turn}/{args.repeat}: {name} ...", flush=True)
-            measured.append(measure(name, command, out, extra_env, inputs=(base, adapter)))
+            rounds[index % len(runs)].append(measure(name, command, out, extra_env, inputs=(base, adapter)))
     results = [median_row(measured) for measured in rounds]
 
     job_row, peft_row, floor_row = results[0], results[2], results[-1]

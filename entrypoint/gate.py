@@ -50,6 +50,7 @@ TORCH_BYTES = 256 * 1024**2  # torch itself, before the merge imports it (the me
 # Bytes per logit of the loss bar's longest record: bf16 logits, their float32 copy, the labelled rows and
 # the log-softmax of the cross-entropy.
 LOGIT_BYTES = 14
+PROBE_LOGIT_POSITIONS = 64  # the probe's teacher-forced pass keeps 17 positions' logits, a generation step one
 
 
 @dataclasses.dataclass
@@ -306,16 +307,19 @@ def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[C
     return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, run)
 
 
-def model_run_bytes(weights: int, model: BaseModel, adapter: Path | None, cutoff_len: int,
-                    libraries: int = RUNTIME_BYTES) -> int:
-    """About what the model-running checks add to the process: one copy of the weights (the merged model is
-    freed before base + adapter is loaded), the adapter in float32, the logits of one CUTOFF_LEN-token
-    record, and the libraries."""
+def model_run_bytes(
+    weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES
+) -> dict[str, int]:
+    """About what the model-running checks add to the process, by part: one copy of the weights (the merged
+    model is freed before base + adapter is loaded), the adapter in float32, the largest logits held at once
+    (a whole CUTOFF_LEN record under the loss bar; else the probe's few positions), and the libraries."""
     adapter_bytes = 0
-    if adapter is not None:
-        adapter_bytes = sum(path.stat().st_size for path in adapter.glob("adapter_model*.safetensors"))
+    if inputs.adapter is not None:
+        adapter_bytes = sum(path.stat().st_size for path in inputs.adapter.glob("adapter_model*.safetensors"))
     vocab = int(model.config.get("vocab_size") or 0)
-    return weights + 2 * adapter_bytes + LOGIT_BYTES * cutoff_len * vocab + libraries
+    positions = inputs.cutoff_len if inputs.max_eval_loss else PROBE_LOGIT_POSITIONS
+    return {"weights": weights, "adapter": 2 * adapter_bytes, "logits": LOGIT_BYTES * positions * vocab,
+            "libraries": libraries}
 
 
 def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES) -> str | None:
@@ -324,12 +328,14 @@ def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, librarie
     from entrypoint.headroom import gib, headroom
 
     left = headroom()
-    need = model_run_bytes(weights, model, inputs.adapter, inputs.cutoff_len, libraries)
+    parts = model_run_bytes(weights, model, inputs, libraries)
+    need = sum(parts.values())
     if left is None or need <= left.available:
         return None
-    return (f"the model-running checks need about {gib(need)} (the {gib(weights)} of weights, the adapter, the "
-            f"logits of a CUTOFF_LEN={inputs.cutoff_len} record and ~{gib(libraries)} of libraries) and "
-            f"this container has {left.describe()}; raise the merge Job's memory limit by "
+    logits = f"a CUTOFF_LEN={inputs.cutoff_len} record's logits" if inputs.max_eval_loss else "logits"
+    return (f"the model-running checks need about {gib(need)} ({gib(parts['weights'])} of weights, "
+            f"{gib(parts['adapter'])} of adapter, {gib(parts['logits'])} of {logits}, ~{gib(libraries)} of "
+            f"libraries) and this container has {left.describe()}; raise the merge Job's memory limit by "
             f"{gib(need - left.available)} or more, or set PUBLISH_GATE_PROBE_MAX_GIB below "
             f"{weights / GIB:.3g} to skip them")
 
