@@ -82,24 +82,19 @@ def _own_cgroup(root: Path, self_cgroup: Path) -> tuple[Path, Path]:
     return v2, v1
 
 
+# (limit file, usage file, prefix of memory.stat's file-page counters, name) of cgroup v2, then v1.
+LAYOUTS = (("memory.max", "memory.current", "", "cgroup v2 memory.max"),
+           ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_", "cgroup v1 memory.limit_in_bytes"))
+
+
 def _cgroup(v2_dir: Path, v1_dir: Path) -> tuple[int | None, int | None, str]:
-    root = v2_dir
-    v2 = root / "memory.max"
-    if v2.is_file():
-        limit = _number(v2)
-        stat = _stat(root / "memory.stat")
-        current = _number(root / "memory.current")
-        reclaimable = stat.get("active_file", 0) + stat.get("inactive_file", 0)
-        used = None if current is None else max(0, current - reclaimable)
-        return limit, used, "cgroup v2 memory.max"
-    v1 = v1_dir / "memory.limit_in_bytes"
-    if v1.is_file():
-        limit = _number(v1)
-        stat = _stat(v1_dir / "memory.stat")
-        usage = _number(v1_dir / "memory.usage_in_bytes")
-        reclaimable = stat.get("total_active_file", 0) + stat.get("total_inactive_file", 0)
-        used = None if usage is None else max(0, usage - reclaimable)
-        return limit, used, "cgroup v1 memory.limit_in_bytes"
+    for directory, (limit_file, usage_file, prefix, name) in zip((v2_dir, v1_dir), LAYOUTS, strict=True):
+        if not (directory / limit_file).is_file():
+            continue
+        stat = _stat(directory / "memory.stat")
+        usage = _number(directory / usage_file)
+        reclaimable = stat.get(f"{prefix}active_file", 0) + stat.get(f"{prefix}inactive_file", 0)
+        return _number(directory / limit_file), None if usage is None else max(0, usage - reclaimable), name
     return None, None, ""
 
 
