@@ -46,7 +46,6 @@ GIB = 1024**3
 # What the model-running checks hold beside the weights, the adapter and the logits: transformers, PEFT, the
 # tokenizer, the KV cache of a probe. Measured ~420 MiB on the benchmark model with torch already imported.
 RUNTIME_BYTES = 512 * 1024**2
-TORCH_BYTES = 256 * 1024**2  # torch itself, before the merge imports it (the merge Job without the gate: ~270 MiB)
 # Bytes per logit of the loss bar's longest record: bf16 logits, their float32 copy, the labelled rows and
 # the log-softmax of the cross-entropy.
 LOGIT_BYTES = 14
@@ -325,7 +324,7 @@ def model_run_bytes(
 def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES) -> str | None:
     """Why loading the model would get this container killed (exit 137, and a retry that merges again),
     or None when it fits or the memory left cannot be read."""
-    from entrypoint.headroom import gib, headroom
+    from entrypoint.headroom import headroom, size
 
     left = headroom()
     parts = model_run_bytes(weights, model, inputs, libraries)
@@ -333,10 +332,10 @@ def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, librarie
     if left is None or need <= left.available:
         return None
     logits = f"a CUTOFF_LEN={inputs.cutoff_len} record's logits" if inputs.max_eval_loss else "logits"
-    return (f"the model-running checks need about {gib(need)} ({gib(parts['weights'])} of weights, "
-            f"{gib(parts['adapter'])} of adapter, {gib(parts['logits'])} of {logits}, ~{gib(libraries)} of "
+    return (f"the model-running checks need about {size(need)} ({size(parts['weights'])} of weights, "
+            f"{size(parts['adapter'])} of adapter, {size(parts['logits'])} of {logits}, ~{size(libraries)} of "
             f"libraries) and this container has {left.describe()}; raise the merge Job's memory limit by "
-            f"{gib(need - left.available)} or more, or set PUBLISH_GATE_PROBE_MAX_GIB below "
+            f"{size(need - left.available)} or more, or set PUBLISH_GATE_PROBE_MAX_GIB below "
             f"{weights / GIB:.3g} to skip them")
 
 
@@ -353,8 +352,7 @@ def check_memory_before_merging(settings: Any, prepared: Any, adapter: Path | No
     if weights > settings.publish_gate_probe_max_gib * GIB:
         return
     inputs = gate_inputs(settings, base, adapter, (), None)
-    # torch is not imported yet: the merge imports it before the gate runs.
-    short = memory_shortage(weights, base, inputs, RUNTIME_BYTES + TORCH_BYTES)
+    short = memory_shortage(weights, base, inputs)  # torch is already imported: it counts as in use
     if short is None:
         return
     if settings.publish_gate == "strict":

@@ -32,13 +32,15 @@ class Headroom:
 
     def describe(self) -> str:
         if self.limit is not None and self.used is not None and self.source != MEMINFO.name:
-            return (f"{gib(self.available)} left under the container's memory limit of {gib(self.limit)} "
-                    f"({self.source}; {gib(self.used)} in use)")
-        return f"{gib(self.available)} available on the node (MemAvailable)"
+            return (f"{size(self.available)} left under the container's memory limit of {size(self.limit)} "
+                    f"({self.source}; {size(self.used)} in use)")
+        return f"{size(self.available)} available on the node (MemAvailable)"
 
 
-def gib(count: int | float) -> str:
-    return f"{count / 1024**3:.2f} GiB"
+def size(count: int | float) -> str:
+    from entrypoint.publish import human_size
+
+    return human_size(int(count))
 
 
 def headroom(

@@ -131,6 +131,51 @@ def prepare_merge(base_dir: Path, adapter_dir: Path | None) -> PreparedMerge:
     return PreparedMerge(base, adapter_dir, plan)
 
 
+def working_bytes(prepared: PreparedMerge) -> tuple[int, str | None]:
+    """About the most the streaming merge holds at once beside torch, and the base tensor that sets it: its
+    scratch buffers grow to the largest targeted tensor (two weight buffers in its dtype, one being written
+    while the next is computed, and its float32 update), the widening chunk, and the adapter tensors read
+    for one target (a full copy twice: read, then converted while the previous one is written)."""
+    plan, base = prepared.plan, prepared.base
+    adapter = plan.header.by_name() if plan.header is not None else {}
+    items = list(plan.updates.items())
+    if plan.untie is not None and plan.untie.update != _Update():
+        items.append((plan.untie.source, plan.untie.update))
+    weight = delta = reads = 0
+    largest = None
+    for target, update in items:
+        entry = base.tensors[target][1]
+        numel = math.prod(entry.shape)
+        read = 0
+        if update.lora is not None:
+            a, b = adapter[update.lora[0]], adapter[update.lora[1]]
+            wide = 8 if "F64" in (a.dtype, b.dtype) else 4
+            delta = max(delta, wide * numel)
+            read += a.nbytes + b.nbytes + wide * (math.prod(a.shape) + math.prod(b.shape))
+            if entry.nbytes > weight:
+                weight, largest = entry.nbytes, target
+        if update.replacement is not None:
+            read += 2 * (adapter[update.replacement].nbytes + entry.nbytes)
+            largest = largest or target
+        reads = max(reads, read)
+    return 2 * weight + delta + 4 * ADD_CHUNK + reads, largest
+
+
+def check_memory(prepared: PreparedMerge) -> None:
+    """Refuse, before the first byte, a merge this container's memory limit cannot hold: the kernel would kill
+    it (exit 137) partway, and the Job's retry would start over and be killed again."""
+    from entrypoint.headroom import headroom, size
+
+    need, largest = working_bytes(prepared)
+    left = headroom()
+    if left is None or need <= left.available:
+        return
+    raise ConfigError(f"the merge needs about {size(need)} beside what is already loaded (its largest targeted tensor "
+                      f"{largest}: two copies in its dtype and its float32 update), and this container has "
+                      f"{left.describe()}; raise the merge Job's memory limit by {size(need - left.available)} "
+                      "or more. Nothing was merged")
+
+
 def merge_adapter(
     base_dir: Path | PreparedMerge,
     adapter_dir: Path | None,

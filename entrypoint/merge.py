@@ -6,7 +6,7 @@ The steps, in the order `run` calls them:
   heavy was imported;
 - lock: one publisher per MERGED_MODEL_PATH; work left by a killed merge is removed;
 - merge: stream base + adapter into a temporary directory (lora_merge.py), after checking free space and
-  that the gate's model-running checks fit this container's memory limit (headroom.py);
+  that the merge, and the gate's model-running checks, fit this container's memory limit (headroom.py);
 - verify: the result has the base's tensors, a tokenizer and stop ids that exist, read from headers and
   JSON alone (verify.py);
 - gate: the model works as trained (gate.py: finite, the adapter had an effect, template and stop tokens,
@@ -134,7 +134,7 @@ def tidy_if_free(published: Published, lock: OutputLock, keep: int) -> None:
 def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Published):
     from entrypoint.gate import check_memory_before_merging, gate_merge
     from entrypoint.lineage import build_lineage, dataset_statistics, summary, write_lineage
-    from entrypoint.lora_merge import merge_adapter, prepare_merge  # torch loads here, once there is work to do
+    from entrypoint.lora_merge import check_memory, merge_adapter, prepare_merge  # torch loads here, once needed
     from entrypoint.progress import ShardProgress
     from entrypoint.verify import verify_merged
 
@@ -143,6 +143,7 @@ def merge_and_publish(settings: Settings, inputs: MergeInputs, published: Publis
     needed = directory_bytes(source) if inputs.full else sum(
         p.stat().st_size for p in source.iterdir() if p.is_file() and not p.name.endswith((".bin", ".pt")))
     check_free_space(published.versions, needed)
+    check_memory(prepared)
     check_memory_before_merging(settings, prepared, None if inputs.full else inputs.adapter)
     workdir = published.new_workdir()
     with cleanup_on_failure(workdir):

@@ -301,11 +301,11 @@ def in_a_container_of(tmp_path: Path, monkeypatch, limit: int, used: int) -> Non
     from entrypoint import headroom
 
     root = tmp_path / "cgroup"
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / "memory.max").write_text(f"{limit}\n")
     (root / "memory.current").write_text(f"{used}\n")
     (root / "memory.stat").write_text(f"anon {used}\nactive_file 0\ninactive_file 0\n")
-    (tmp_path / "self-cgroup").write_text("0::/\n")
+    (tmp_path / "self-cgroup").write_text("0::/\n")  # a cgroup namespace of its own, as Kubernetes gives
     monkeypatch.setattr(headroom, "CGROUP", root)
     monkeypatch.setattr(headroom, "SELF_CGROUP", tmp_path / "self-cgroup")
 
@@ -328,8 +328,8 @@ def test_a_probe_that_cannot_fit_the_containers_memory_is_refused_before_merging
     message = str(refused.value)
     assert message.startswith("PUBLISH_GATE=strict: the model-running checks need about ") and \
         message.endswith("Nothing was merged"), message
-    assert "this container has 0.29 GiB left under the container's memory limit of 0.68 GiB (cgroup v2 memory.max" \
-        in message and "raise the merge Job's memory limit by" in message
+    assert "this container has 300.00 MiB left under the container's memory limit of 700.00 MiB (cgroup v2 " \
+        "memory.max; 400.00 MiB in use)" in message and "raise the merge Job's memory limit by" in message
     from entrypoint.safetensors_stream import read_header
 
     weights = sum(read_header(p, "base").data_bytes for p in published.base.glob("*.safetensors"))
@@ -337,6 +337,38 @@ def test_a_probe_that_cannot_fit_the_containers_memory_is_refused_before_merging
     versions = published.root / "models" / "merged-model.versions"
     assert [p.name for p in versions.iterdir() if p.is_dir()] == [Path(before).name], "no work directory was made"
     assert served(published) == before
+
+
+def test_a_merge_that_cannot_fit_the_containers_memory_is_refused_before_it_starts(
+    published: Storage, tmp_path: Path, monkeypatch
+):
+    """The streaming merge's own buffers (two copies of its largest targeted tensor and its float32 update)
+    against what the limit leaves: with the gate off, still refused before the first byte, naming the tensor."""
+    from entrypoint import merge
+    from entrypoint.errors import ConfigError
+    from entrypoint.lora_merge import prepare_merge, working_bytes
+    from entrypoint.safetensors_stream import read_header
+    from entrypoint.settings import load_settings
+
+    _rewrite_adapter(published, lambda tensors: [t.mul_(1.01) for n, t in tensors.items() if "lora_B" in n])
+    prepared = prepare_merge(published.base, published.output)
+    need, largest = working_bytes(prepared)
+    sizes = {entry.name: entry.nbytes for path in published.base.glob("*.safetensors")
+             for entry in read_header(path, "base").entries}
+    assert largest == max(prepared.plan.updates, key=sizes.__getitem__)
+    assert need >= 3 * sizes[largest], "two copies of the (float32) tensor and its float32 update"
+    in_a_container_of(tmp_path, monkeypatch, limit=400 * MIB + need - 1, used=400 * MIB)
+    before = served(published)
+    with pytest.raises(ConfigError) as refused:
+        merge.run(load_settings(published.env(PUBLISH_GATE="off")))
+    message = str(refused.value)
+    assert message.startswith("the merge needs about ") and f"its largest targeted tensor {largest}" in message
+    assert "raise the merge Job's memory limit by 1 bytes or more. Nothing was merged" in message
+    versions = published.root / "models" / "merged-model.versions"
+    assert [p.name for p in versions.iterdir() if p.is_dir()] == [Path(before).name], "no work directory was made"
+
+    in_a_container_of(tmp_path / "roomier", monkeypatch, limit=400 * MIB + need, used=400 * MIB)
+    assert merge.run(load_settings(published.env(PUBLISH_GATE="off"))) == 0, "the same merge with room for it"
 
 
 def test_under_warn_the_model_checks_that_cannot_fit_are_skipped_and_say_why(
@@ -353,7 +385,7 @@ def test_under_warn_the_model_checks_that_cannot_fit_are_skipped_and_say_why(
     checks = {c["name"]: c for c in json.loads((version / "gate.json").read_text())["checks"]}
     assert {name: c["status"] for name, c in checks.items()} == {
         "finite": "pass", "adapter_effect": "pass", "tokenizer": "pass", "probe": "skipped", "stops": "skipped"}
-    assert "memory limit of 0.68 GiB" in checks["probe"]["detail"] and \
+    assert "memory limit of 700.00 MiB" in checks["probe"]["detail"] and \
         checks["probe"]["detail"].endswith(": not loaded")
 
 
