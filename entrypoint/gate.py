@@ -306,9 +306,7 @@ def _run_model(model_dir: Path, merged: BaseModel, inputs: GateInputs) -> list[C
     return model_checks(model_dir, inputs.base.directory, inputs.adapter, dtype, run)
 
 
-def model_run_bytes(
-    weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES
-) -> dict[str, int]:
+def model_run_bytes(weights: int, model: BaseModel, inputs: GateInputs) -> dict[str, int]:
     """About what the model-running checks add to the process, by part: one copy of the weights (the merged
     model is freed before base + adapter is loaded), the adapter in float32, the largest logits held at once
     (a whole CUTOFF_LEN record under the loss bar; else the probe's few positions), and the libraries."""
@@ -318,22 +316,22 @@ def model_run_bytes(
     vocab = int(model.config.get("vocab_size") or 0)
     positions = inputs.cutoff_len if inputs.max_eval_loss else PROBE_LOGIT_POSITIONS
     return {"weights": weights, "adapter": 2 * adapter_bytes, "logits": LOGIT_BYTES * positions * vocab,
-            "libraries": libraries}
+            "libraries": RUNTIME_BYTES}
 
 
-def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs, libraries: int = RUNTIME_BYTES) -> str | None:
+def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs) -> str | None:
     """Why loading the model would get this container killed (exit 137, and a retry that merges again),
     or None when it fits or the memory left cannot be read."""
     from entrypoint.headroom import headroom, size
 
     left = headroom()
-    parts = model_run_bytes(weights, model, inputs, libraries)
+    parts = model_run_bytes(weights, model, inputs)
     need = sum(parts.values())
     if left is None or need <= left.available:
         return None
     logits = f"a CUTOFF_LEN={inputs.cutoff_len} record's logits" if inputs.max_eval_loss else "logits"
     return (f"the model-running checks need about {size(need)} ({size(parts['weights'])} of weights, "
-            f"{size(parts['adapter'])} of adapter, {size(parts['logits'])} of {logits}, ~{size(libraries)} of "
+            f"{size(parts['adapter'])} of adapter, {size(parts['logits'])} of {logits}, ~{size(parts['libraries'])} of "
             f"libraries) and this container has {left.describe()}; raise the merge Job's memory limit by "
             f"{size(need - left.available)} or more, or set PUBLISH_GATE_PROBE_MAX_GIB below "
             f"{weights / GIB:.3g} to skip them")
