@@ -322,12 +322,12 @@ def model_run_bytes(weights: int, model: BaseModel, inputs: GateInputs) -> dict[
 def memory_shortage(weights: int, model: BaseModel, inputs: GateInputs) -> str | None:
     """Why loading the model would get this container killed (exit 137, and a retry that merges again),
     or None when it fits or the memory left cannot be read."""
-    from entrypoint.headroom import headroom, size
+    from entrypoint.headroom import short_of, size
 
-    left = headroom()
     parts = model_run_bytes(weights, model, inputs)
     need = sum(parts.values())
-    if left is None or need <= left.available:
+    left = short_of(need)
+    if left is None:
         return None
     logits = f"a CUTOFF_LEN={inputs.cutoff_len} record's logits" if inputs.max_eval_loss else "logits"
     return (f"the model-running checks need about {size(need)} ({size(parts['weights'])} of weights, "

@@ -31,7 +31,7 @@ class Headroom:
     source: str  # where the binding figure comes from, for messages
 
     def describe(self) -> str:
-        if self.limit is not None and self.used is not None and self.source != MEMINFO.name:
+        if self.limit is not None and self.source != MEMINFO.name:
             return (f"{size(self.available)} left under the container's memory limit of {size(self.limit)} "
                     f"({self.source}; {size(self.used)} in use)")
         return f"{size(self.available)} available on the node (MemAvailable)"
@@ -59,6 +59,12 @@ def headroom(
         return None
     available, binding = min(candidates)
     return Headroom(available, limit, used, node, binding)
+
+
+def short_of(need: int) -> Headroom | None:
+    """What is left when it is less than `need` bytes; None when `need` fits or nothing can be read."""
+    left = headroom()
+    return left if left is not None and need > left.available else None
 
 
 def _own_cgroup(root: Path, self_cgroup: Path) -> tuple[Path, Path]:

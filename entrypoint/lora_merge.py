@@ -164,11 +164,11 @@ def working_bytes(prepared: PreparedMerge) -> tuple[int, str | None]:
 def check_memory(prepared: PreparedMerge) -> None:
     """Refuse, before the first byte, a merge this container's memory limit cannot hold: the kernel would kill
     it (exit 137) partway, and the Job's retry would start over and be killed again."""
-    from entrypoint.headroom import headroom, size
+    from entrypoint.headroom import short_of, size
 
     need, largest = working_bytes(prepared)
-    left = headroom()
-    if left is None or need <= left.available:
+    left = short_of(need)
+    if left is None:
         return
     raise ConfigError(f"the merge needs about {size(need)} beside what is already loaded (its largest targeted tensor "
                       f"{largest}: two copies in its dtype and its float32 update), and this container has "
