@@ -233,11 +233,11 @@ def main() -> int:
     for turn in range(1, args.repeat + 1):
         # Round by round, so that a slow spell of the machine lands on every method, not on one; each round
         # starts one method later, so that no method always follows the same one (and the disk it left busy).
-        order = [*range(len(runs))][turn - 1:] + [*range(len(runs))][:turn - 1]
-        for index in order:
-            name, command, out, extra_env = runs[index % len(runs)]
+        for step in range(len(runs)):
+            index = (turn - 1 + step) % len(runs)
+            name, command, out, extra_env = runs[index]
             print(f"round {turn}/{args.repeat}: {name} ...", flush=True)
-            rounds[index % len(runs)].append(measure(name, command, out, extra_env, inputs=(base, adapter)))
+            rounds[index].append(measure(name, command, out, extra_env, inputs=(base, adapter)))
     results = [median_row(measured) for measured in rounds]
 
     job_row, peft_row, floor_row = results[0], results[2], results[-1]
